@@ -1,0 +1,42 @@
+"""cliptune: tune gradient clipping (mode and threshold) with Optuna, for PyTorch and Keras.
+
+Importing cliptune imports no torch, TensorFlow or mlflow; each loads when first used.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from cliptune.config import ClipConfig, ClipMode
+from cliptune.space import SearchSpace, shipped_spaces
+from cliptune.stability import StabilityPruner, StabilityRules, TrialMonitor
+from cliptune.tracking import Tracker
+from cliptune.tuner import TuneResult, tune
+
+__version__ = "0.1.0"
+
+_LAZY = {"clip_grads_": "cliptune.backends._torch_clip"}
+
+
+def __getattr__(name: str) -> Any:
+    """Framework-specific helpers load their framework on first use."""
+    if name in _LAZY:
+        import importlib
+
+        return getattr(importlib.import_module(_LAZY[name]), name)
+    raise AttributeError(f"module 'cliptune' has no attribute {name!r}")
+
+
+__all__ = [
+    "ClipConfig",
+    "ClipMode",
+    "SearchSpace",
+    "StabilityPruner",
+    "StabilityRules",
+    "Tracker",
+    "TrialMonitor",
+    "TuneResult",
+    "clip_grads_",
+    "shipped_spaces",
+    "tune",
+]

@@ -1,0 +1,64 @@
+"""Backends train one trial in one framework. This module picks one without importing a framework."""
+
+from __future__ import annotations
+
+import importlib
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any, Protocol
+
+if TYPE_CHECKING:
+    from cliptune.config import ClipConfig
+    from cliptune.data import Splits
+    from cliptune.stability import TrialMonitor
+
+
+@dataclass(frozen=True)
+class TrainSettings:
+    """Everything about training a trial that is not the clip or the co-tuned extras."""
+
+    loss: str | Callable[..., Any]
+    optimizer: str | Callable[..., Any]
+    lr: float
+    epochs: int
+    batch_size: int
+    device: str = "cpu"
+    seed: int | None = None
+
+
+class Backend(Protocol):
+    """Trains trials in one framework; knows nothing of Optuna or MLflow, only the monitor."""
+
+    name: str
+
+    def check(self, model_fn: Callable[..., Any], extras: dict[str, Any], splits: Splits,
+              settings: TrainSettings) -> None:
+        """One forward/backward pass on one batch, turning framework errors into clear ones."""
+
+    def train(self, model_fn: Callable[..., Any], splits: Splits, clip: ClipConfig,
+              extras: dict[str, Any], settings: TrainSettings, monitor: TrialMonitor,
+              seed: int | None) -> Any:
+        """Train one trial, calling ``monitor.step`` each step and ``monitor.epoch`` each epoch.
+
+        Returns the trained model.
+        """
+
+
+_BACKENDS = {"torch": "cliptune.backends._torch", "keras": "cliptune.backends._keras"}
+
+
+def framework_of(model: object) -> str | None:
+    """'torch' or 'keras' from the model's class hierarchy, without importing either."""
+    for cls in type(model).__mro__:
+        module = cls.__module__ or ""
+        if module.startswith("torch.nn"):
+            return "torch"
+        if module.split(".")[0] in ("keras", "tf_keras") or module.startswith("tensorflow.python.keras"):
+            return "keras"
+    return None
+
+
+def get_backend(name: str) -> Backend:
+    """Load a backend by name ('torch' or 'keras'); its framework is imported now."""
+    module = importlib.import_module(_BACKENDS[name])
+    return module.BACKEND
