@@ -1,0 +1,41 @@
+"""Shared test setup: quiet TensorFlow, one thread per framework (torch and TF share 2 cores)."""
+
+from __future__ import annotations
+
+import os
+
+os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
+os.environ.setdefault("TF_ENABLE_ONEDNN_OPTS", "0")
+os.environ.setdefault("KERAS_BACKEND", "tensorflow")
+os.environ.setdefault("OMP_NUM_THREADS", "1")
+
+import numpy as np
+import optuna
+import pytest
+
+optuna.logging.set_verbosity(optuna.logging.WARNING)
+
+
+@pytest.fixture(autouse=True)
+def _one_torch_thread() -> None:
+    """Pin torch to one thread when it is loaded (it oversubscribes 2 cores beside TF)."""
+    import sys
+
+    if "torch" in sys.modules:
+        sys.modules["torch"].set_num_threads(1)
+
+
+@pytest.fixture(autouse=True)
+def _isolated_cwd(tmp_path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Each test runs in its own folder, so nothing (mlflow.db, mlruns/) lands in the checkout."""
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+
+
+def regression_data(n: int = 256, d: int = 4, seed: int = 0) -> tuple[np.ndarray, np.ndarray]:
+    """A small linear-regression task: y = X w + noise."""
+    rng = np.random.default_rng(seed)
+    X = rng.normal(size=(n, d)).astype(np.float32)
+    w = rng.normal(size=(d, 1)).astype(np.float32)
+    y = (X @ w + 0.1 * rng.normal(size=(n, 1))).astype(np.float32)
+    return X, y

@@ -1,0 +1,145 @@
+"""Stability rules on synthetic loss sequences, through a real Optuna trial."""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import optuna
+import pytest
+
+from cliptune import StabilityPruner, StabilityRules, TrialMonitor
+from cliptune.stability import is_diverged, is_nonfinite, robust_z
+
+
+def _monitor(rules: StabilityRules | None = StabilityRules(), pruner: optuna.pruners.BasePruner
+             | None = None) -> TrialMonitor:
+    study = optuna.create_study(pruner=pruner or StabilityPruner(optuna.pruners.NopPruner(), rules))
+    return TrialMonitor(study.ask(), rules)
+
+
+def _feed(monitor: TrialMonitor, losses: list[float], norm: float = 1.0) -> int:
+    """Feed losses step by step; return the step at which the trial was pruned (or -1)."""
+    for i, loss in enumerate(losses):
+        try:
+            monitor.step(loss, norm, False)
+        except optuna.TrialPruned:
+            return i
+    return -1
+
+
+def _noisy(n: int, level: float = 1.0, seed: int = 0) -> list[float]:
+    rng = np.random.default_rng(seed)
+    return list(level * np.exp(rng.normal(0, 0.05, n)))
+
+
+def test_pure_rules() -> None:
+    assert is_nonfinite(math.nan) and is_nonfinite(math.inf) and not is_nonfinite(1e30)
+    assert is_diverged(11.0, 1.0, 10.0) and not is_diverged(9.0, 1.0, 10.0)
+    assert not is_diverged(1e9, 0.0, 10.0)  # no positive reference, no verdict
+    assert robust_z([0.0, 0.1, -0.1, 0.05, -0.05], 1.0) > 6
+    assert abs(robust_z([0.0, 0.1, -0.1, 0.05, -0.05], 0.0)) < 1e-9
+
+
+def test_stable_noisy_loss_is_never_pruned() -> None:
+    monitor = _monitor()
+    assert _feed(monitor, _noisy(500)) == -1
+
+
+@pytest.mark.parametrize("bad", [math.nan, math.inf])
+def test_nonfinite_loss_prunes_at_once(bad: float) -> None:
+    monitor = _monitor()
+    losses = _noisy(30)
+    losses[17] = bad
+    assert _feed(monitor, losses) == 17
+    assert monitor.trial.study.trials[0].user_attrs["prune_reason"] == "nonfinite"
+
+
+def test_nonfinite_gradient_norm_prunes_at_once() -> None:
+    monitor = _monitor()
+    monitor.step(1.0, 1.0, False)
+    with pytest.raises(optuna.TrialPruned, match="nonfinite: gradient norm was inf at step 2"):
+        monitor.step(1.0, math.inf, False)
+
+
+def test_divergence_against_the_first_loss() -> None:
+    monitor = _monitor(StabilityRules(divergence_factor=5.0))
+    losses = _noisy(20) + [4.0, 4.5, 6.0]
+    assert _feed(monitor, losses) == 22
+    attrs = monitor.trial.study.trials[0].user_attrs
+    assert attrs["prune_reason"] == "diverged" and "5 x first loss" in attrs["prune_detail"]
+
+
+def test_divergence_against_the_best_epoch() -> None:
+    monitor = _monitor()
+    _feed(monitor, _noisy(20))
+    monitor.epoch(0, 0.01, 0.01)
+    with pytest.raises(optuna.TrialPruned, match="diverged: train_loss 0.5 > 10 x best epoch"):
+        monitor.epoch(1, 0.5, 0.5)
+
+
+def test_repeated_spikes_prune_but_one_spike_does_not() -> None:
+    one = _noisy(200)
+    one[100] = 3.0
+    assert _feed(_monitor(), one) == -1
+    many = _noisy(200)
+    for i in (100, 110, 120):
+        many[i] = 3.0
+    monitor = _monitor()
+    assert _feed(monitor, many) == 120
+    assert monitor.trial.study.trials[0].user_attrs["prune_reason"] == "spiking"
+
+
+def test_rules_off_lets_everything_through() -> None:
+    monitor = _monitor(rules=None)
+    assert _feed(monitor, [1.0, math.nan, 1e9, math.inf]) == -1
+
+
+def test_epoch_reports_to_optuna_and_unpromising_prunes() -> None:
+    study = optuna.create_study(pruner=StabilityPruner(optuna.pruners.ThresholdPruner(upper=1.0)))
+    monitor = TrialMonitor(study.ask(), StabilityRules())
+    _feed(monitor, _noisy(5))
+    monitor.epoch(0, None, 0.5)
+    _feed(monitor, _noisy(5))
+    with pytest.raises(optuna.TrialPruned, match="unpromising: val_loss=2 at epoch 1"):
+        monitor.epoch(1, None, 2.0)
+    trial = study.trials[0]
+    assert trial.intermediate_values == {0: 0.5, 1: 2.0}
+    assert trial.user_attrs["prune_reason"] == "unpromising"
+
+
+def test_epoch_statistics_and_objective() -> None:
+    seen: list[tuple[int, dict[str, float]]] = []
+    study = optuna.create_study()
+    monitor = TrialMonitor(study.ask(), StabilityRules(), objective="best",
+                           on_epoch=lambda e, s: seen.append((e, s)))
+    for loss, norm, clipped in [(1.0, 2.0, True), (3.0, 4.0, False)]:
+        monitor.step(loss, norm, clipped)
+    monitor.epoch(0, None, 0.7)
+    monitor.step(1.0, 1.0, False)
+    monitor.epoch(1, None, 0.9)
+    assert seen[0] == (0, {"train_loss": 2.0, "val_loss": 0.7, "grad_norm_mean": 3.0,
+                           "grad_norm_max": 4.0, "clip_fraction": 0.5})
+    assert monitor.value() == 0.7  # best epoch
+    monitor.objective = "last"
+    assert monitor.value() == 0.9
+
+
+def test_pruned_mid_epoch_still_hands_over_the_partial_epoch() -> None:
+    seen: list[dict[str, float]] = []
+    study = optuna.create_study()
+    monitor = TrialMonitor(study.ask(), StabilityRules(), on_epoch=lambda e, s: seen.append(s))
+    monitor.step(1.0, 5.0, False)
+    with pytest.raises(optuna.TrialPruned):
+        monitor.step(math.nan, 7.0, True)
+    assert len(seen) == 1 and seen[0]["grad_norm_max"] == 7.0 and seen[0]["clip_fraction"] == 0.5
+
+
+def test_stability_pruner_wraps_and_validates() -> None:
+    assert isinstance(StabilityPruner().pruner, optuna.pruners.MedianPruner)
+    with pytest.raises(TypeError, match="'pruner' parameter of StabilityPruner must be an Optuna"):
+        StabilityPruner("median")  # type: ignore[arg-type]
+    with pytest.raises(ValueError, match="'divergence_factor' parameter of StabilityRules must be > 1"):
+        StabilityRules(divergence_factor=0.5)
+    with pytest.raises(ValueError, match="'window' parameter of StabilityRules must be an int >= 1"):
+        StabilityRules(window=0)
