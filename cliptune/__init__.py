@@ -10,7 +10,7 @@ from typing import Any
 from cliptune.config import ClipConfig, ClipMode
 from cliptune.space import SearchSpace, shipped_spaces
 from cliptune.stability import StabilityPruner, StabilityRules, TrialMonitor
-from cliptune.tracking import Tracker
+from cliptune.tracking import MlflowTracker, Tracker
 from cliptune.tuner import TuneResult, tune
 
 __version__ = "0.1.0"
@@ -30,6 +30,7 @@ def __getattr__(name: str) -> Any:
 __all__ = [
     "ClipConfig",
     "ClipMode",
+    "MlflowTracker",
     "SearchSpace",
     "StabilityPruner",
     "StabilityRules",

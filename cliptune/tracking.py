@@ -1,13 +1,32 @@
-"""Tracking of a tuning job. The tuner talks to a :class:`Tracker`; MLflow is imported lazily."""
+"""Tracking of a tuning job. The tuner talks to a :class:`Tracker`; MLflow is imported lazily.
+
+:class:`MlflowTracker` records a job as one parent run (the job's settings, the best config, the
+summary artifacts) with one nested run per trial (its clip, its per-epoch metrics, how it ended).
+It talks to :class:`mlflow.MlflowClient` directly, never to the fluent API's global active run, and
+sends values in batches: a run's metrics, params and tags go out in one ``log_batch``.
+"""
 
 from __future__ import annotations
 
+import math
+import sys
+import tempfile
+import time
+import warnings
+from pathlib import Path
 from typing import TYPE_CHECKING, Any
+from urllib.parse import parse_qsl, urlencode, urlsplit, urlunsplit
 
 if TYPE_CHECKING:
     import optuna
 
     from cliptune.config import ClipConfig
+
+LOCAL_UI = "http://127.0.0.1:5000"  # what a plain ``mlflow ui`` serves
+_SECRET_KEYS = ("password", "passwd", "pwd", "secret", "token", "api_key", "apikey")
+_END_STATUS = {"COMPLETE": "FINISHED", "PRUNED": "FINISHED", "FAIL": "FAILED"}
+_MAX_PARAM, _MAX_TAG = 6000, 8000  # MLflow's value length limits
+_MAX_METRICS, _MAX_PARAMS_TAGS = 1000, 100  # MLflow's per-batch limits
 
 
 class Tracker:
@@ -28,3 +47,285 @@ class Tracker:
 
     def finish(self, study: optuna.Study) -> None:
         """The job ended: record the best config and the summary."""
+
+
+def mask_url(url: str) -> str:
+    """``url`` with any password (in the user info or a query parameter) replaced by ``***``.
+
+    Example:
+        >>> mask_url("postgresql://me:s3cret@db:5432/optuna")
+        'postgresql://me:***@db:5432/optuna'
+    """
+    parts = urlsplit(url)
+    if parts.password is None and not any(k.lower() in _SECRET_KEYS for k, _ in parse_qsl(parts.query)):
+        return url  # untouched (urlunsplit would turn sqlite:///x into sqlite:/x)
+    netloc = parts.netloc
+    if parts.password is not None:
+        user_info, host = netloc.rsplit("@", 1)
+        netloc = f"{user_info.split(':', 1)[0]}:***@{host}"
+    pairs = parse_qsl(parts.query, keep_blank_values=True)
+    query = urlencode([(k, "***" if k.lower() in _SECRET_KEYS else v) for k, v in pairs], safe="*")
+    return urlunsplit(parts._replace(netloc=netloc, query=query))
+
+
+def storage_label(storage: object) -> str:
+    """What to log of an Optuna storage: its URL with the password masked, or its type."""
+    if storage is None:
+        return "in-memory"
+    url = storage if isinstance(storage, str) else getattr(storage, "url", None)
+    return mask_url(url) if isinstance(url, str) else type(storage).__name__
+
+
+def ui_url(tracking_uri: str) -> str:
+    """Where the MLflow UI of a tracking URI lives: the server itself, or a local ``mlflow ui``."""
+    if urlsplit(tracking_uri).scheme in ("http", "https"):
+        return tracking_uri.rstrip("/")
+    return LOCAL_UI
+
+
+def make_tracker(tracking: bool, tracking_uri: str | None, experiment: str,
+                 tracker: Tracker | None) -> Tracker:
+    """The tracker ``tune()`` uses: a custom one, MLflow, or the no-op base class."""
+    if tracker is not None:
+        if not isinstance(tracker, Tracker):
+            raise TypeError("The 'tracker' parameter of tune must be a cliptune Tracker. "
+                            f"Got {type(tracker).__name__} instead.")
+        return tracker
+    if not isinstance(tracking, bool):
+        raise TypeError(f"The 'tracking' parameter of tune must be a bool. Got {tracking!r} instead.")
+    return MlflowTracker(tracking_uri, experiment) if tracking else Tracker()
+
+
+def _text(value: object, limit: int) -> str:
+    text = str(value)
+    return text if len(text) <= limit else text[: limit - 3] + "..."
+
+
+class _TrialRun:
+    """A trial's nested run and the metrics not sent yet."""
+
+    def __init__(self, run_id: str) -> None:
+        self.run_id = run_id
+        self.pending: list[Any] = []
+        self.sent_at = time.monotonic()
+
+
+class MlflowTracker(Tracker):
+    """Records a tuning job in MLflow: a parent run for the job, a nested run per trial.
+
+    A failing tracking store never costs tuning work: it is a ``ValueError`` at :meth:`start`
+    (before any trial), and later a warning, after which this job is no longer tracked while the
+    Optuna storage keeps every result.
+
+    Args:
+        tracking_uri: An MLflow tracking URI. By default ``MLFLOW_TRACKING_URI`` (or
+            ``mlflow.set_tracking_uri``), else ``sqlite:///mlflow.db`` in the working folder with
+            artifacts under ``./mlruns``, which a plain ``mlflow ui`` there shows.
+        experiment: Name of the MLflow experiment, created when missing.
+        flush_every_s: Seconds between sends of a running trial's metrics (at most one send an
+            epoch, plus one at the trial's end); ``0`` sends every epoch.
+
+    Example:
+        >>> tracker = MlflowTracker("sqlite:///mlflow.db", experiment="rnn-clipping")
+        >>> cliptune.tune(make_model, (X, y), tracker=tracker)  # doctest: +SKIP
+    """
+
+    def __init__(self, tracking_uri: str | None = None, experiment: str = "cliptune",
+                 flush_every_s: float = 2.0) -> None:
+        if tracking_uri is not None and (not isinstance(tracking_uri, str) or not tracking_uri):
+            raise ValueError("The 'tracking_uri' parameter of MlflowTracker must be a non-empty "
+                             f"string or None. Got {tracking_uri!r} instead.")
+        if not isinstance(experiment, str) or not experiment.strip():
+            raise ValueError("The 'experiment' parameter of MlflowTracker must be a non-empty "
+                             f"string. Got {experiment!r} instead.")
+        if isinstance(flush_every_s, bool) or not isinstance(flush_every_s, (int, float)) or not (
+                math.isfinite(flush_every_s) and flush_every_s >= 0):
+            raise ValueError("The 'flush_every_s' parameter of MlflowTracker must be a finite "
+                             f"float >= 0. Got {flush_every_s!r} instead.")
+        self._uri_arg, self.experiment, self.flush_every_s = tracking_uri, experiment, flush_every_s
+        self.tracking_uri = tracking_uri or ""
+        self.client: Any = None
+        self.experiment_id: str | None = None
+        self.parent_id: str | None = None
+        self.broken = False
+        self._trials: dict[int, _TrialRun] = {}
+
+    # -- the hooks ---------------------------------------------------------------------------
+
+    def start(self, study: optuna.Study, job: dict[str, Any]) -> None:
+        from mlflow.entities import Param
+
+        try:
+            self._connect()
+            run = self.client.create_run(self.experiment_id, run_name=study.study_name, tags={
+                "cliptune.study": study.study_name, "cliptune.backend": str(job.get("backend"))})
+            self.parent_id = run.info.run_id
+            self._send(self.parent_id, params=[Param(k, _text(v, _MAX_PARAM)) for k, v in job.items()])
+        except Exception as exc:
+            raise ValueError(f"Cannot record the tuning job in MLflow at tracking URI "
+                             f"{mask_url(self.tracking_uri)!r}: {type(exc).__name__}: {exc}. Check "
+                             "that the store is reachable, or pass another tracking_uri or tracking=False."
+                             ) from exc
+        self._print_links("tracking the tuning job in")
+
+    def trial_started(self, trial: optuna.Trial, clip: ClipConfig, extras: dict[str, Any]) -> None:
+        self._guard(self._trial_started, trial, clip, extras)
+
+    def epoch(self, trial_number: int, epoch: int, stats: dict[str, float]) -> None:
+        self._guard(self._epoch, trial_number, epoch, stats)
+
+    def trial_finished(self, trial_number: int, state: str, value: float | None = None,
+                       reason: str | None = None, error: str | None = None) -> None:
+        self._guard(self._trial_finished, trial_number, state, value, reason, error)
+
+    def finish(self, study: optuna.Study) -> None:
+        if self.parent_id is not None and self._guard(self._finish, study):
+            self._print_links("the tuning job is recorded in")
+
+    # -- the work behind them ----------------------------------------------------------------
+
+    def _connect(self) -> None:
+        import mlflow
+
+        if self._uri_arg is None:  # absolute: MLflow caches a store by URI, whatever the cwd
+            self.tracking_uri = (mlflow.get_tracking_uri() if mlflow.is_tracking_uri_set()
+                                 else f"sqlite:///{Path.cwd() / 'mlflow.db'}")
+        if urlsplit(self.tracking_uri).scheme in ("http", "https"):
+            _probe_server(self.tracking_uri)
+        self.client = mlflow.MlflowClient(tracking_uri=self.tracking_uri)
+        found = self.client.get_experiment_by_name(self.experiment)
+        if found is not None and found.lifecycle_stage == "deleted":
+            raise RuntimeError(f"the experiment {self.experiment!r} is deleted; restore it "
+                               "(mlflow experiments restore) or choose another name")
+        self.experiment_id = (found.experiment_id if found is not None
+                              else self.client.create_experiment(self.experiment))
+
+    def _trial_started(self, trial: optuna.Trial, clip: ClipConfig, extras: dict[str, Any]) -> None:
+        from mlflow.entities import Param
+
+        tags = {"mlflow.parentRunId": self.parent_id, "cliptune.study": trial.study.study_name,
+                "optuna.trial_number": str(trial.number), "cliptune.state": "RUNNING"}
+        run = self.client.create_run(self.experiment_id, run_name=f"trial-{trial.number}", tags=tags)
+        params = {"clip_mode": clip.mode.value, "clip_threshold": clip.threshold, **extras}
+        self._trials[trial.number] = _TrialRun(run.info.run_id)
+        self._send(run.info.run_id, params=[Param(k, _text(v, _MAX_PARAM))
+                                            for k, v in params.items() if v is not None])
+
+    def _epoch(self, trial_number: int, epoch: int, stats: dict[str, float]) -> None:
+        from mlflow.entities import Metric
+
+        run = self._trials[trial_number]
+        now = int(time.time() * 1000)
+        run.pending.extend(Metric(k, float(v), now, epoch) for k, v in stats.items())
+        if time.monotonic() - run.sent_at >= self.flush_every_s:
+            self._send(run.run_id, metrics=run.pending)
+            run.pending, run.sent_at = [], time.monotonic()
+
+    def _trial_finished(self, trial_number: int, state: str, value: float | None,
+                        reason: str | None, error: str | None) -> None:
+        from mlflow.entities import Metric, RunTag
+
+        run = self._trials.pop(trial_number)
+        tags = {"cliptune.state": state, "cliptune.prune_reason": reason, "cliptune.error": error}
+        metrics = run.pending
+        if value is not None:
+            metrics.append(Metric("value", float(value), int(time.time() * 1000), 0))
+        self._send(run.run_id, metrics=metrics, tags=[RunTag(k, _text(v, _MAX_TAG))
+                                                      for k, v in tags.items() if v is not None])
+        self.client.set_terminated(run.run_id, _END_STATUS[state])
+
+    def _finish(self, study: optuna.Study) -> None:
+        from mlflow.entities import Metric, Param, RunTag
+
+        from cliptune.tuner import TuneResult
+
+        result = TuneResult.from_study(study)
+        params, tags = {}, {}
+        if result.best_config is not None:
+            params = {"best_clip_mode": result.best_config.mode.value,
+                      "best_clip_threshold": result.best_config.threshold,
+                      **{f"best_{k}": v for k, v in result.best_extras.items()}}
+            tags["cliptune.best_trial"] = str(study.best_trial.number)
+        now = int(time.time() * 1000)
+        counts = {"best_value": result.best_value, "n_complete": result.n_complete,
+                  "n_pruned": result.n_pruned, "n_failed": result.n_failed}
+        self._send(self.parent_id,
+                   metrics=[Metric(k, float(v), now, 0) for k, v in counts.items() if v is not None],
+                   params=[Param(k, _text(v, _MAX_PARAM)) for k, v in params.items() if v is not None],
+                   tags=[RunTag(k, v) for k, v in tags.items()])
+        with tempfile.TemporaryDirectory(prefix="cliptune-") as tmp:
+            write_artifacts(result, Path(tmp))
+            self.client.log_artifacts(self.parent_id, tmp)
+        self.client.set_terminated(self.parent_id, "FINISHED")
+
+    def _send(self, run_id: str, metrics: list[Any] = (), params: list[Any] = (),  # type: ignore[assignment]
+              tags: list[Any] = ()) -> None:  # type: ignore[assignment]
+        """One ``log_batch`` (more only past MLflow's per-batch limits)."""
+        metrics, params, tags = list(metrics), list(params), list(tags)
+        while metrics or params or tags:
+            self.client.log_batch(run_id, metrics=metrics[:_MAX_METRICS],
+                                  params=params[:_MAX_PARAMS_TAGS], tags=tags[:_MAX_PARAMS_TAGS],
+                                  synchronous=True)
+            metrics, params = metrics[_MAX_METRICS:], params[_MAX_PARAMS_TAGS:]
+            tags = tags[_MAX_PARAMS_TAGS:]
+
+    def _guard(self, work: Any, *args: Any) -> bool:
+        """Run ``work``; on a failure warn once and stop tracking, so that the study goes on."""
+        if self.broken or self.parent_id is None:
+            return False
+        try:
+            work(*args)
+        except Exception as exc:
+            self.broken = True
+            warnings.warn(f"MLflow tracking at {mask_url(self.tracking_uri)!r} failed "
+                          f"({type(exc).__name__}: {exc}); the rest of this tuning job is not "
+                          "tracked. The study goes on and its Optuna storage keeps every result.",
+                          RuntimeWarning, stacklevel=3)
+            return False
+        return True
+
+    def _print_links(self, what: str) -> None:
+        ui = ui_url(self.tracking_uri)
+        runs = f"{ui}/#/experiments/{self.experiment_id}/runs"
+        hint = ""
+        if ui == LOCAL_UI:
+            here = self.tracking_uri == f"sqlite:///{Path.cwd() / 'mlflow.db'}"
+            hint = (" (open with `mlflow ui` in this folder)" if here else
+                    f" (open with `mlflow ui --backend-store-uri {mask_url(self.tracking_uri)}`)")
+        print(f"cliptune: {what} MLflow experiment {self.experiment!r} at "
+              f"{mask_url(self.tracking_uri)}{hint}\n  runs table: {runs}\n"
+              f"  this job:   {runs}/{self.parent_id}", file=sys.stderr)
+
+
+def _probe_server(uri: str, timeout: float = 5.0) -> None:
+    """Fail fast on an unreachable server (MLflow's own client retries for minutes)."""
+    from urllib.error import HTTPError
+    from urllib.request import urlopen
+
+    try:
+        with urlopen(f"{uri.rstrip('/')}/health", timeout=timeout):
+            pass
+    except HTTPError:
+        pass  # something answered: MLflow's own calls will tell what is wrong
+    except OSError as exc:
+        raise ConnectionError(f"no MLflow server answers at {uri} ({exc})") from None
+
+
+def write_artifacts(result: Any, folder: Path) -> list[Path]:
+    """The parent run's files: best_config.yaml, trials.csv, search_space.yaml and plots/*.png."""
+    import yaml
+
+    from cliptune.plots import write_plots
+
+    written = []
+    if result.best_config is not None:
+        path = folder / "best_config.yaml"
+        result.best_config.to_yaml(path, **result.best_extras)
+        written.append(path)
+    result.trials_dataframe().to_csv(folder / "trials.csv", index=False)
+    written.append(folder / "trials.csv")
+    space = result.study.user_attrs.get("cliptune.search_space")
+    if space is not None:
+        (folder / "search_space.yaml").write_text(yaml.safe_dump(space, sort_keys=False))
+        written.append(folder / "search_space.yaml")
+    return written + write_plots(result.study, folder / "plots")

@@ -18,7 +18,7 @@ from cliptune.config import ClipConfig
 from cliptune.data import Splits, make_splits
 from cliptune.space import SearchSpace, config_from_params
 from cliptune.stability import StabilityPruner, TrialMonitor
-from cliptune.tracking import Tracker
+from cliptune.tracking import Tracker, make_tracker, storage_label
 
 if TYPE_CHECKING:
     import pandas as pd
@@ -134,6 +134,9 @@ def tune(
     seed: int | None = None,
     device: str = "cpu",
     show_progress: bool | None = None,
+    tracking: bool = True,
+    tracking_uri: str | None = None,
+    experiment: str = "cliptune",
     tracker: Tracker | None = None,
 ) -> TuneResult:
     """Search the gradient-clipping mode and threshold (and any extras) for a model.
@@ -159,7 +162,12 @@ def tune(
         study_name: Name of the study in ``storage`` (default ``cliptune-<model_fn name>``).
         seed: Seeds the sampler, the split and each trial's training (``seed + trial number``).
         show_progress: A progress bar; on by default when stderr is a terminal.
-        tracker: Where trials are recorded (see :mod:`cliptune.tracking`).
+        tracking: Record the job in MLflow: a parent run, a nested run per trial (see
+            :class:`cliptune.tracking.MlflowTracker`). ``False`` records nothing.
+        tracking_uri: MLflow tracking URI; by default ``MLFLOW_TRACKING_URI``, else
+            ``sqlite:///mlflow.db`` in the working folder (a plain ``mlflow ui`` there shows it).
+        experiment: Name of the MLflow experiment.
+        tracker: A custom :class:`cliptune.tracking.Tracker`; replaces ``tracking*``.
 
     Returns:
         A :class:`TuneResult`.
@@ -180,6 +188,7 @@ def tune(
     _check_choice(objective, "objective", ("last", "best"))
     if seed is not None and (isinstance(seed, bool) or not isinstance(seed, int)):
         raise TypeError(f"The 'seed' parameter of tune must be an int or None. Got {seed!r} instead.")
+    tracker = make_tracker(tracking, tracking_uri, experiment, tracker)
     space = SearchSpace.resolve(search_space)
     splits = make_splits(data, val_fraction, seed)
     framework = _probe_backend(model_fn, space)
@@ -195,12 +204,11 @@ def tune(
         direction=direction, load_if_exists=True)
     study.set_user_attr("cliptune.search_space", space.to_dict())
     study.set_user_attr("cliptune.backend", framework)
-    tracker = tracker or Tracker()
     job = {"model": _model_name(model_fn), "backend": framework, "loss": str(loss),
            "optimizer": str(optimizer), "lr": lr, "epochs": epochs, "batch_size": batch_size,
            "search_space": space.name, "n_trials": n_trials, "seed": seed,
            "sampler": type(study.sampler).__name__,
-           "pruner": type(stability_pruner.pruner).__name__}
+           "pruner": type(stability_pruner.pruner).__name__, "storage": storage_label(storage)}
     runner = _Runner(backend, model_fn, splits, space, settings, stability_pruner, metric,
                      objective, tracker)
     remaining = n_trials - sum(t.state in _FINISHED for t in study.get_trials(deepcopy=False))
@@ -247,6 +255,8 @@ class _Runner:
             trial.set_user_attr("error", error)
             self.tracker.trial_finished(number, "FAIL", error=error)
             raise
+        finally:  # once per trial, for the plots (a storage write per epoch is costly)
+            trial.set_user_attr("history", monitor.history)
         self.tracker.trial_finished(number, "COMPLETE", value=value)
         return value
 
