@@ -1,0 +1,89 @@
+"""What the CLI prints: the best-trials table, the best config and its one-liners, shipped spaces."""
+
+from __future__ import annotations
+
+import json
+from typing import TYPE_CHECKING, Any
+
+import yaml
+
+from cliptune.config import ClipConfig, ClipMode
+from cliptune.jobs import JobSpec
+
+if TYPE_CHECKING:
+    from cliptune.tuner import TuneResult
+
+_KERAS_OPTIMIZERS = {"sgd": "SGD", "adam": "Adam", "adamw": "AdamW", "rmsprop": "RMSprop"}
+
+
+def counts_line(result: TuneResult) -> str:
+    n = result.n_complete + result.n_pruned + result.n_failed
+    return (f"{n} trials: {result.n_complete} complete, {result.n_pruned} pruned, "
+            f"{result.n_failed} failed")
+
+
+def best_table(result: TuneResult, top: int = 5) -> str:
+    """The ``top`` completed trials, best first, as a plain-text table."""
+    frame = result.trials_dataframe()
+    if frame.empty or result.best_value is None:
+        return "No trial completed yet."
+    frame = frame[frame["state"] == "COMPLETE"]
+    maximize = result.study.direction.name == "MAXIMIZE"
+    frame = frame.sort_values("value", ascending=not maximize).head(top)
+    drop = ["state", "prune_reason", "error", "duration_s"]
+    frame = frame.drop(columns=[c for c in drop if c in frame.columns])
+    return frame.to_string(index=False, float_format=lambda v: f"{v:.4g}")
+
+
+def _short(value: Any) -> Any:
+    """Four significant digits: plenty for a threshold, and easy to read and paste."""
+    return float(f"{value:.4g}") if isinstance(value, float) else value
+
+
+def _one_liners(result: TuneResult, spec: JobSpec | None) -> dict[str, str]:
+    """How to apply the best clip in torch and in Keras, ready to paste."""
+    if result.best_config is None:
+        raise ValueError(f"Study {result.study.study_name!r} has no completed trial yet.")
+    clip = ClipConfig(result.best_config.mode, _short(result.best_config.threshold))
+    torch_line = f"cliptune.clip_grads_(model.parameters(), {clip!r})"
+    lr = _short(result.best_extras.get("lr", spec.optimizer.lr if spec else None))
+    name = _KERAS_OPTIMIZERS.get(spec.optimizer.name.lower(), "Adam") if spec else "Adam"
+    args = [f"learning_rate={lr!r}" if lr is not None else "..."]
+    args += [f"{key}={value!r}" for key, value in clip.keras_kwargs().items()]
+    keras_line = f"keras.optimizers.{name}({', '.join(args)})"
+    if clip.mode is ClipMode.NONE:
+        torch_line = "# no clipping: " + torch_line
+    return {"torch": torch_line, "keras": keras_line}
+
+
+def best_document(result: TuneResult, spec: JobSpec | None) -> dict[str, Any]:
+    """The best config as written by ``ClipConfig.to_yaml``, plus where it came from."""
+    best = result.study.best_trial
+    body: dict[str, Any] = {"clip": result.best_config.to_dict()}  # type: ignore[union-attr]
+    if result.best_extras:
+        body["extras"] = dict(result.best_extras)
+    body.update(study=result.study.study_name, trial=best.number, value=best.value)
+    return body
+
+
+def best_text(result: TuneResult, spec: JobSpec | None, fmt: str = "yaml") -> str:
+    """YAML that ``ClipConfig.from_yaml`` reads back (one-liners as comments), or JSON."""
+    document, lines = best_document(result, spec), _one_liners(result, spec)
+    if fmt == "json":
+        return json.dumps({**document, "apply": lines}, indent=2)
+    header = (f"# best of study {document['study']!r}: trial {document['trial']}, "
+              f"value {document['value']:.6g} ({counts_line(result)})")
+    clip_part = {k: {key: _short(v) for key, v in document[k].items()}
+                 for k in ("clip", "extras") if k in document}
+    body = yaml.safe_dump(clip_part, sort_keys=False).rstrip()
+    return "\n".join([header, body, f"# torch: {lines['torch'].removeprefix('# ')}",
+                      f"# keras: {lines['keras']}"])
+
+
+def space_description(path: Any) -> str:
+    """The ``description`` key of a shipped search-space file."""
+    try:
+        data = yaml.safe_load(path.read_text(encoding="utf-8"))
+    except (OSError, yaml.YAMLError):
+        return ""
+    return str(data.get("description", "")) if isinstance(data, dict) else ""

@@ -1,0 +1,287 @@
+"""The command line, run as users run it: ``python -m cliptune ...`` in a subprocess."""
+
+from __future__ import annotations
+
+import inspect
+import json
+import os
+import re
+import signal
+import subprocess
+import sys
+import textwrap
+import time
+from pathlib import Path
+
+import optuna
+import pytest
+import yaml
+from optuna.trial import TrialState
+
+from cliptune import ClipConfig, cli, tune
+from cliptune.jobs import DEFAULT_STORAGE, Job
+
+REPO = Path(__file__).resolve().parent.parent
+
+# torch is imported inside the factories, so jobs that fail validation never load it.
+TINY_MODULE = '''
+import numpy as np
+
+CALLS = [0]
+
+
+def make_model():
+    from torch import nn
+    return nn.Linear(4, 1)
+
+
+def make_data():
+    rng = np.random.default_rng(0)
+    X = rng.normal(size=(96, 4)).astype("float32")
+    return X, (X @ np.arange(1, 5, dtype="float32")[:, None])
+
+
+def make_slow_data():
+    X, y = make_data()
+    return X.repeat(400, axis=0), y.repeat(400, axis=0)
+
+
+class _Breaks:
+    """Passes the pre-study check, then fails every training step."""
+
+    def __new__(cls):
+        from torch import nn
+
+        class Broken(nn.Linear):
+            def forward(self, x):
+                CALLS[0] += 1
+                if CALLS[0] > 1:
+                    raise RuntimeError("boom")
+                return super().forward(x)
+
+        return Broken(4, 1)
+
+
+make_broken_model = _Breaks
+'''
+
+JOB = """\
+model: tinymod:make_model
+data: tinymod:make_data
+optimizer: {name: sgd, lr: 0.05}
+epochs: 2
+batch_size: 32
+search_space: default
+n_trials: 3
+seed: 0
+study: {name: tiny}
+tracking: {enabled: false}
+"""
+
+
+def run_cli(cwd: Path, *args: str, timeout: float = 120) -> subprocess.CompletedProcess[str]:
+    env = {k: v for k, v in os.environ.items() if k != "MLFLOW_TRACKING_URI"}
+    env.update(OMP_NUM_THREADS="1", PYTHONUNBUFFERED="1")
+    return subprocess.run([sys.executable, "-m", "cliptune", *args], cwd=cwd, env=env,
+                          capture_output=True, text=True, timeout=timeout)
+
+
+def write_job(folder: Path, text: str = JOB, name: str = "job.yaml") -> Path:
+    (folder / "tinymod.py").write_text(TINY_MODULE)
+    path = folder / name
+    path.write_text(textwrap.dedent(text))
+    return path
+
+
+def load(folder: Path, name: str = "tiny") -> optuna.Study:
+    storage = DEFAULT_STORAGE.replace("sqlite:///", f"sqlite:///{folder}/")
+    return optuna.load_study(study_name=name, storage=storage)
+
+
+@pytest.fixture(scope="module")
+def tuned(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, list[subprocess.CompletedProcess[str]]]:
+    """A job run to 3 trials, then resumed to 5 (in the default ./mlruns storage)."""
+    folder = tmp_path_factory.mktemp("tuned")
+    write_job(folder)
+    first = run_cli(folder, "tune", "job.yaml")
+    params_before = [(t.number, t.params, t.value) for t in load(folder).trials]
+    second = run_cli(folder, "tune", "job.yaml", "--n-trials", "5")
+    (folder / "before.json").write_text(json.dumps(params_before))
+    return folder, [first, second]
+
+
+def test_tune_runs_the_job_and_prints_the_best(tuned: tuple[Path, list]) -> None:
+    folder, (first, _) = tuned
+    assert first.returncode == 0, first.stderr
+    assert "3 trials: " in first.stdout
+    assert "clip_mode" in first.stdout and "# torch: cliptune.clip_grads_(" in first.stdout
+    assert (folder / "mlruns" / "cliptune-optuna.db").exists()
+    assert "3/3" in first.stderr  # the progress bar
+
+
+def test_rerun_with_more_trials_adds_only_the_missing_ones(tuned: tuple[Path, list]) -> None:
+    folder, (_, second) = tuned
+    assert second.returncode == 0, second.stderr
+    trials = load(folder).trials
+    assert [t.number for t in trials] == [0, 1, 2, 3, 4]
+    assert all(t.state in (TrialState.COMPLETE, TrialState.PRUNED) for t in trials)
+    before = json.loads((folder / "before.json").read_text())
+    assert [[t.number, t.params, t.value] for t in trials[:3]] == before
+
+
+def test_best_prints_yaml_and_json(tuned: tuple[Path, list]) -> None:
+    folder, _ = tuned
+    best = load(folder).best_trial
+    as_yaml = run_cli(folder, "best", "job.yaml")
+    assert as_yaml.returncode == 0, as_yaml.stderr
+    (folder / "best.yaml").write_text(as_yaml.stdout)
+    clip = ClipConfig.from_yaml(folder / "best.yaml")
+    assert clip.mode.value == best.params["clip_mode"]
+    assert "keras.optimizers.SGD(learning_rate=0.05" in as_yaml.stdout
+    as_json = run_cli(folder, "best", "--study", "tiny", "--format", "json")
+    assert as_json.returncode == 0, as_json.stderr
+    document = json.loads(as_json.stdout)
+    assert document["trial"] == best.number and document["value"] == pytest.approx(best.value)
+    assert document["clip"]["mode"] == best.params["clip_mode"]
+    assert document["apply"]["torch"].startswith("cliptune.clip_grads_(model.parameters(), ")
+
+
+def test_report_writes_trials_csv(tuned: tuple[Path, list]) -> None:
+    import pandas as pd
+
+    folder, _ = tuned
+    done = run_cli(folder, "report", "job.yaml", "--out", "report")
+    assert done.returncode == 0, done.stderr
+    frame = pd.read_csv(folder / "report" / "trials.csv")
+    assert list(frame["number"]) == [0, 1, 2, 3, 4]
+    assert {"state", "clip_mode", "clip_threshold", "value"} <= set(frame.columns)
+    if (REPO / "cliptune" / "plots.py").exists():
+        assert list((folder / "report").rglob("*.png"))
+
+
+def test_best_of_a_missing_study_names_the_studies_there(tuned: tuple[Path, list]) -> None:
+    folder, _ = tuned
+    done = run_cli(folder, "best", "--study", "tinny")
+    assert done.returncode == 2
+    assert re.search(r"no study 'tinny' .*'tiny'.*Did you mean 'tiny'\?", done.stderr)
+
+
+BAD_SPACE = "version: 1\nmodes: {norm: {threshold: {low: -1, high: 2}}}\n"
+
+
+@pytest.mark.parametrize(("change", "extra_args", "message"), [
+    ({"optimizer": {"name": "sgd", "lrr": 0.1}}, [],
+     r"job.yaml: optimizer.lrr: unknown key 'lrr'; .*Did you mean 'lr'\?"),
+    ({"epochs": "eight"}, [], r"job.yaml: epochs: expected a valid integer, got 'eight'"),
+    ({"n_trials": 0}, [], r"job.yaml: n_trials: expected a number > 0, got 0"),
+    ({"model": "nosuchmod:make_model"}, [], r"job.yaml: model: cannot import module 'nosuchmod'"),
+    ({"model": "tinymod:make_modle"}, [],
+     r"job.yaml: model: 'tinymod' has no attribute 'make_modle'. Did you mean 'make_model'\?"),
+    ({"model": "tinymod.make_model"}, [], r"job.yaml: model: expected 'module:attribute'"),
+    ({"search_space": "bad_space.yaml"}, [],
+     r"job.yaml: search_space: bad_space.yaml: modes.norm.threshold: low must be > 0"),
+    ({"search_space": "rnnn"}, [], r"job.yaml: search_space: unknown search space 'rnnn'.*'rnn'\?"),
+    ({}, ["--storage", "notaurl"], r"--storage: Invalid storage URL 'notaurl'"),
+    ({"study": {"storage": "sqlite:////no/such/dir/x.db"}}, [],
+     r"job.yaml: study.storage: Cannot open the Optuna storage 'sqlite:////no/such/dir/x.db'"),
+    ({}, ["--set", "epochs"], r"--set: expected key=value"),
+    ({}, ["--set", "tracking.experimnt=x"], r"tracking.experimnt: unknown key .*'experiment'\?"),
+])
+def test_bad_jobs_fail_with_one_line_and_status_2(tmp_path: Path, change: dict, extra_args: list[str],
+                                                  message: str) -> None:
+    raw = yaml.safe_load(JOB) | change
+    write_job(tmp_path, yaml.safe_dump(raw))
+    (tmp_path / "bad_space.yaml").write_text(BAD_SPACE)
+    done = run_cli(tmp_path, "tune", "job.yaml", *extra_args)
+    assert done.returncode == 2, done.stderr
+    lines = done.stderr.strip().splitlines()
+    assert len(lines) == 1 and re.search(message, lines[0]), done.stderr
+
+
+def test_a_missing_key_is_named(tmp_path: Path) -> None:
+    write_job(tmp_path, "model: tinymod:make_model\n")
+    done = run_cli(tmp_path, "tune", "job.yaml")
+    assert done.returncode == 2
+    assert done.stderr.strip() == "cliptune tune: error: job.yaml: data: this key is required."
+
+
+def test_every_trial_failing_exits_1(tmp_path: Path) -> None:
+    write_job(tmp_path, JOB.replace("make_model", "make_broken_model").replace("n_trials: 3",
+                                                                               "n_trials: 2"))
+    done = run_cli(tmp_path, "tune", "job.yaml")
+    assert done.returncode == 1, done.stderr
+    assert re.search(r"error: All 2 trials failed; the first error was: RuntimeError: boom",
+                     done.stderr)
+
+
+@pytest.mark.skipif(sys.platform == "win32", reason="SIGINT to a child is POSIX")
+@pytest.mark.skipif("callbacks" not in inspect.signature(tune).parameters,
+                    reason="tune() takes no callbacks yet: Ctrl-C aborts the running trial")
+def test_ctrl_c_stops_after_the_running_trial(tmp_path: Path) -> None:
+    write_job(tmp_path, JOB.replace("make_data", "make_slow_data").replace("n_trials: 3",
+                                                                           "n_trials: 50"))
+    env = {k: v for k, v in os.environ.items() if k != "MLFLOW_TRACKING_URI"}
+    proc = subprocess.Popen([sys.executable, "-m", "cliptune", "tune", "job.yaml"], cwd=tmp_path,
+                            env=env | {"OMP_NUM_THREADS": "1"}, stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True)
+    db = tmp_path / "mlruns" / "cliptune-optuna.db"
+    deadline = time.monotonic() + 60
+    while time.monotonic() < deadline and proc.poll() is None:
+        if db.exists() and any(t.state is TrialState.RUNNING for t in _trials(tmp_path)):
+            break
+        time.sleep(0.2)
+    proc.send_signal(signal.SIGINT)
+    out, err = proc.communicate(timeout=60)
+    assert proc.returncode == 130, err
+    assert "Stopping after the running trial is recorded" in err
+    trials = load(tmp_path).trials
+    assert 1 <= len(trials) < 50
+    assert all(t.state in (TrialState.COMPLETE, TrialState.PRUNED) for t in trials)
+    assert "best of study 'tiny'" in out
+
+
+def _trials(folder: Path) -> list[optuna.trial.FrozenTrial]:
+    try:
+        return load(folder).trials
+    except Exception:  # the study or its schema is being created; the next poll sees it
+        return []
+
+
+def test_spaces_lists_and_prints(tmp_path: Path) -> None:
+    listing = run_cli(tmp_path, "spaces")
+    assert listing.returncode == 0
+    assert re.search(r"^rnn\s+Recurrent nets", listing.stdout, re.MULTILINE)
+    one = run_cli(tmp_path, "spaces", "rnn")
+    assert one.returncode == 0 and yaml.safe_load(one.stdout)["modes"]
+    unknown = run_cli(tmp_path, "spaces", "rn")
+    assert unknown.returncode == 2 and "Did you mean 'rnn'?" in unknown.stderr
+
+
+@pytest.mark.parametrize("command", ["tune", "best", "report", "spaces", "ui"])
+def test_every_command_has_help_with_examples(command: str, capsys: pytest.CaptureFixture[str]) -> None:
+    with pytest.raises(SystemExit) as exit_info:
+        cli.main([command, "--help"])
+    assert exit_info.value.code == 0
+    assert "examples:" in capsys.readouterr().out
+
+
+def test_python_dash_m_shows_help(tmp_path: Path) -> None:
+    done = run_cli(tmp_path, "--help")
+    assert done.returncode == 0 and "cliptune tune examples/adding_rnn.yaml" in done.stdout
+
+
+def test_ui_serves_the_local_store_on_localhost(monkeypatch: pytest.MonkeyPatch) -> None:
+    seen: list[list[str]] = []
+    monkeypatch.setattr(cli.subprocess, "call", lambda command: seen.append(command) or 0)
+    assert cli.main(["ui", "--port", "5123"]) == 0
+    command = seen[0]
+    assert command[1:4] == ["-m", "mlflow", "ui"]
+    assert command[command.index("--backend-store-uri") + 1] == "sqlite:///mlflow.db"
+    assert command[command.index("--host") + 1] == "127.0.0.1"
+    assert command[command.index("--port") + 1] == "5123"
+
+
+@pytest.mark.parametrize("name", ["adding_rnn.yaml", "keras_lstm.yaml"])
+def test_shipped_example_jobs_are_valid(name: str) -> None:
+    job = Job.load(REPO / "examples" / name)
+    assert job.spec.search_space == "rnn" and job.spec.model.startswith("examples.")
