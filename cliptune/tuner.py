@@ -138,6 +138,7 @@ def tune(
     tracking_uri: str | None = None,
     experiment: str = "cliptune",
     tracker: Tracker | None = None,
+    callbacks: list[Callable[[optuna.Study, optuna.trial.FrozenTrial], None]] | None = None,
 ) -> TuneResult:
     """Search the gradient-clipping mode and threshold (and any extras) for a model.
 
@@ -162,6 +163,8 @@ def tune(
         study_name: Name of the study in ``storage`` (default ``cliptune-<model_fn name>``).
         seed: Seeds the sampler, the split and each trial's training (``seed + trial number``).
         show_progress: A progress bar; on by default when stderr is a terminal.
+        callbacks: Called after each trial, as in ``Study.optimize`` (``study.stop()`` in one
+            ends the job once that trial is recorded).
         tracking: Record the job in MLflow: a parent run, a nested run per trial (see
             :class:`cliptune.tracking.MlflowTracker`). ``False`` records nothing.
         tracking_uri: MLflow tracking URI; by default ``MLFLOW_TRACKING_URI``, else
@@ -215,7 +218,7 @@ def tune(
     tracker.start(study, job)
     if remaining > 0:
         runner.run(study, remaining, n_trials, timeout,
-                   sys.stderr.isatty() if show_progress is None else show_progress)
+                   sys.stderr.isatty() if show_progress is None else show_progress, callbacks)
     tracker.finish(study)
     runner.raise_if_all_failed()
     return TuneResult.from_study(study)
@@ -261,14 +264,15 @@ class _Runner:
         return value
 
     def run(self, study: optuna.Study, remaining: int, total: int, timeout: float | None,
-            progress: bool) -> None:
+            progress: bool,
+            extra: list[Callable[[optuna.Study, optuna.trial.FrozenTrial], None]] | None) -> None:
         callbacks: list[Callable[[optuna.Study, optuna.trial.FrozenTrial], None]] = [
-            optuna.study.MaxTrialsCallback(total, states=_FINISHED)]
+            optuna.study.MaxTrialsCallback(total, states=_FINISHED), *(extra or ())]
         bar = None
         if progress:
             from tqdm.auto import tqdm
 
-            bar = tqdm(total=remaining, desc="cliptune", unit="trial")
+            bar = tqdm(total=total, initial=total - remaining, desc="cliptune", unit="trial")
             callbacks.append(lambda s, t: _advance(bar, s))
         try:
             study.optimize(self, n_trials=remaining, timeout=timeout, catch=(Exception,),
