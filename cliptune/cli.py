@@ -6,7 +6,6 @@ Exit status: 0 on success, 1 when every trial failed, 2 on bad input, 130 when i
 from __future__ import annotations
 
 import argparse
-import inspect
 import os
 import signal
 import subprocess
@@ -81,14 +80,6 @@ def _overrides(args: argparse.Namespace) -> dict[str, Any]:
     return out
 
 
-def _tracking_kwargs(spec: JobSpec) -> dict[str, Any]:
-    params = inspect.signature(tune).parameters
-    if "tracking" not in params:  # until tune() takes the tracking arguments
-        return {}
-    return {"tracking": spec.tracking.enabled, "tracking_uri": spec.tracking.uri,
-            "experiment": spec.tracking.experiment}
-
-
 def _summary(result: TuneResult, spec: JobSpec | None) -> None:
     print(show.best_table(result))
     print(show.counts_line(result))
@@ -102,10 +93,10 @@ def cmd_tune(args: argparse.Namespace) -> int:
     where = "--storage" if args.storage else f"{job.source}: study.storage"
     storage = open_storage(storage_url(job.spec), where)
     kwargs = job.tune_kwargs()
-    kwargs.update(storage=storage, show_progress=True, **_tracking_kwargs(job.spec))
     stopper = _StopOnInterrupt()
-    if "callbacks" in inspect.signature(tune).parameters:
-        kwargs["callbacks"] = [stopper.callback]
+    kwargs.update(storage=storage, show_progress=True, callbacks=[stopper.callback],
+                  tracking=job.spec.tracking.enabled, tracking_uri=job.spec.tracking.uri,
+                  experiment=job.spec.tracking.experiment)
     interrupted = False
     try:
         with stopper:

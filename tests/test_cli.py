@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import inspect
 import json
 import os
 import re
@@ -18,7 +17,7 @@ import pytest
 import yaml
 from optuna.trial import TrialState
 
-from cliptune import ClipConfig, cli, tune
+from cliptune import ClipConfig, cli
 from cliptune.jobs import DEFAULT_STORAGE, Job
 
 REPO = Path(__file__).resolve().parent.parent
@@ -100,10 +99,11 @@ def load(folder: Path, name: str = "tiny") -> optuna.Study:
 
 @pytest.fixture(scope="module")
 def tuned(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, list[subprocess.CompletedProcess[str]]]:
-    """A job run to 3 trials, then resumed to 5 (in the default ./mlruns storage)."""
+    """A job run to 3 trials (tracked), then resumed to 5 (in the default ./mlruns storage)."""
     folder = tmp_path_factory.mktemp("tuned")
     write_job(folder)
-    first = run_cli(folder, "tune", "job.yaml")
+    first = run_cli(folder, "tune", "job.yaml", "--set", "tracking.enabled=true",
+                    "--tracking-uri", "sqlite:///mlflow.db", "--experiment", "cli-test")
     params_before = [(t.number, t.params, t.value) for t in load(folder).trials]
     second = run_cli(folder, "tune", "job.yaml", "--n-trials", "5")
     (folder / "before.json").write_text(json.dumps(params_before))
@@ -117,6 +117,16 @@ def test_tune_runs_the_job_and_prints_the_best(tuned: tuple[Path, list]) -> None
     assert "clip_mode" in first.stdout and "# torch: cliptune.clip_grads_(" in first.stdout
     assert (folder / "mlruns" / "cliptune-optuna.db").exists()
     assert "3/3" in first.stderr  # the progress bar
+
+
+def test_tune_passes_the_tracking_options(tuned: tuple[Path, list]) -> None:
+    from mlflow.tracking import MlflowClient
+
+    folder, _ = tuned
+    client = MlflowClient(f"sqlite:///{folder}/mlflow.db")
+    experiment = client.get_experiment_by_name("cli-test")
+    assert experiment is not None
+    assert len(client.search_runs([experiment.experiment_id])) == 4  # the job and its 3 trials
 
 
 def test_rerun_with_more_trials_adds_only_the_missing_ones(tuned: tuple[Path, list]) -> None:
@@ -215,8 +225,6 @@ def test_every_trial_failing_exits_1(tmp_path: Path) -> None:
 
 
 @pytest.mark.skipif(sys.platform == "win32", reason="SIGINT to a child is POSIX")
-@pytest.mark.skipif("callbacks" not in inspect.signature(tune).parameters,
-                    reason="tune() takes no callbacks yet: Ctrl-C aborts the running trial")
 def test_ctrl_c_stops_after_the_running_trial(tmp_path: Path) -> None:
     write_job(tmp_path, JOB.replace("make_data", "make_slow_data").replace("n_trials: 3",
                                                                            "n_trials: 50"))
