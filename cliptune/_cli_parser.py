@@ -27,7 +27,17 @@ examples:
   cliptune tune examples/adding_rnn.yaml
   cliptune tune examples/adding_rnn.yaml --n-trials 40          # 20 more trials for the study
   cliptune tune job.yaml --set optimizer.lr=0.1 --set epochs=4 --no-tracking
-  cliptune tune job.yaml --storage postgresql://user@db/optuna --study nightly"""
+  cliptune tune job.yaml --storage postgresql://user@db/optuna --study nightly
+  cliptune tune examples/adding_rnn.yaml --workers 2              # 2 processes, one study"""
+
+_WORKER = """joins the job's study as one more worker (run it on as many machines as you like, all pointing at
+one shared storage such as postgresql://... and one MLflow server). Workers share the study's total
+of n_trials, log under one MLflow parent run, and retry the trial of a worker that died (after the
+heartbeat grace period, study.heartbeat in the job file).
+
+examples:
+  cliptune worker job.yaml --storage postgresql://user@db-host/optuna --tracking-uri http://mlflow:5000
+  cliptune worker job.yaml --workers 4                            # 4 processes on this machine"""
 
 _BEST = """\
 examples:
@@ -64,6 +74,23 @@ def _study_options(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--study", metavar="NAME", help="study name (default: the job's)")
 
 
+def _tune_options(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("job", metavar="JOB.yaml", help="the job file")
+    parser.add_argument("--n-trials", type=int, metavar="N", help="the study's total number of trials")
+    parser.add_argument("--timeout", type=float, metavar="S", help="stop starting trials after S seconds")
+    parser.add_argument("--storage", metavar="URL", help="Optuna storage URL (study.storage)")
+    parser.add_argument("--study", metavar="NAME", help="study name (study.name)")
+    parser.add_argument("--tracking-uri", metavar="URI", help="MLflow tracking URI (tracking.uri)")
+    parser.add_argument("--experiment", metavar="NAME", help="MLflow experiment (tracking.experiment)")
+    parser.add_argument("--seed", type=int, metavar="N", help="seed of the sampler and the training")
+    parser.add_argument("--set", action="append", metavar="KEY=VALUE",
+                      help="override a job key, e.g. optimizer.lr=0.1 (repeatable)")
+    parser.add_argument("--no-tracking", action="store_true", help="record nothing in MLflow")
+
+    parser.add_argument("--workers", type=int, default=1, metavar="N",
+                        help="worker processes on this machine (default: 1)")
+
+
 def build_parser(commands: dict[str, Callable[[argparse.Namespace], int]]) -> argparse.ArgumentParser:
     """The parser; ``commands`` maps each command name to the function that runs it."""
     parser = argparse.ArgumentParser(
@@ -77,19 +104,9 @@ def build_parser(commands: dict[str, Callable[[argparse.Namespace], int]]) -> ar
         p.set_defaults(func=commands[name])
         return p
 
-    tune = add("tune", "run a tuning job from a job file", _TUNE)
-    tune.add_argument("job", metavar="JOB.yaml", help="the job file")
-    tune.add_argument("--n-trials", type=int, metavar="N", help="the study's total number of trials")
-    tune.add_argument("--timeout", type=float, metavar="S", help="stop starting trials after S seconds")
-    tune.add_argument("--storage", metavar="URL", help="Optuna storage URL (study.storage)")
-    tune.add_argument("--study", metavar="NAME", help="study name (study.name)")
-    tune.add_argument("--tracking-uri", metavar="URI", help="MLflow tracking URI (tracking.uri)")
-    tune.add_argument("--experiment", metavar="NAME", help="MLflow experiment (tracking.experiment)")
-    tune.add_argument("--seed", type=int, metavar="N", help="seed of the sampler and the training")
-    tune.add_argument("--set", action="append", metavar="KEY=VALUE",
-                      help="override a job key, e.g. optimizer.lr=0.1 (repeatable)")
-    tune.add_argument("--no-tracking", action="store_true", help="record nothing in MLflow")
-
+    for name, summary, epilog in (("tune", "run a tuning job from a job file", _TUNE),
+                                  ("worker", "join a job's shared study as one more worker", _WORKER)):
+        _tune_options(add(name, summary, epilog))
     best = add("best", "print the best clip config of a study", _BEST)
     _study_options(best)
     best.add_argument("--format", choices=("yaml", "json"), default="yaml",

@@ -91,12 +91,15 @@ def _summary(result: TuneResult, spec: JobSpec | None) -> None:
 def cmd_tune(args: argparse.Namespace) -> int:
     job = Job.load(args.job, _overrides(args))
     where = "--storage" if args.storage else f"{job.source}: study.storage"
-    storage = open_storage(storage_url(job.spec), where)
+    storage = open_storage(storage_url(job.spec), where, heartbeat=job.heartbeat())
     kwargs = job.tune_kwargs()
     stopper = _StopOnInterrupt()
+    if args.workers < 1:
+        raise JobError(f"--workers: expected an int >= 1, got {args.workers}.")
     kwargs.update(storage=storage, show_progress=True, callbacks=[stopper.callback],
                   tracking=job.spec.tracking.enabled, tracking_uri=job.spec.tracking.uri,
-                  experiment=job.spec.tracking.experiment)
+                  experiment=job.spec.tracking.experiment, n_jobs=args.workers,
+                  heartbeat=job.heartbeat())
     interrupted = False
     try:
         with stopper:
@@ -200,7 +203,7 @@ def main(argv: list[str] | None = None) -> int:
     """Entry point of ``cliptune`` and ``python -m cliptune``."""
     from cliptune._cli_parser import build_parser
 
-    parser = build_parser({"tune": cmd_tune, "best": cmd_best, "report": cmd_report,
+    parser = build_parser({"tune": cmd_tune, "worker": cmd_tune, "best": cmd_best, "report": cmd_report,
                            "spaces": cmd_spaces, "ui": cmd_ui})
     args = parser.parse_args(argv)
     try:

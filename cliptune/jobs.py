@@ -13,6 +13,7 @@ A job file (every key but ``model`` and ``data`` is optional)::
     timeout: null
     seed: 0
     study: {name: adding-rnn, storage: null} # null: sqlite:///mlruns/cliptune-optuna.db (resumable)
+                                             # heartbeat: {interval: 10, grace_period: 30} seconds
     tracking: {uri: null, experiment: adding-rnn, enabled: true}
 
 Every problem is a :class:`JobError` of one line naming the file and the key.
@@ -63,9 +64,15 @@ class OptimizerSpec(_Section):
     lr: PositiveFloat = 0.01
 
 
+class HeartbeatSpec(_Section):
+    interval: PositiveInt = 10
+    grace_period: PositiveInt = 30
+
+
 class StudySpec(_Section):
     name: str | None = None
     storage: str | None = None
+    heartbeat: HeartbeatSpec = HeartbeatSpec()
 
 
 class TrackingSpec(_Section):
@@ -193,7 +200,8 @@ def storage_url(spec: JobSpec) -> str:
     return DEFAULT_STORAGE if spec.study.storage is None else spec.study.storage
 
 
-def open_storage(url: str, where: str, must_exist: bool = False) -> optuna.storages.BaseStorage:
+def open_storage(url: str, where: str, must_exist: bool = False,
+                 heartbeat: _storage.Heartbeat | None = None) -> optuna.storages.BaseStorage:
     """Open (for ``tune``, create) the job's Optuna storage; a bad URL is a :class:`JobError`.
 
     ``must_exist`` is for reading commands: a SQLite file that is not there is an error rather
@@ -207,7 +215,7 @@ def open_storage(url: str, where: str, must_exist: bool = False) -> optuna.stora
         if url == DEFAULT_STORAGE:
             database.parent.mkdir(parents=True, exist_ok=True)
     try:
-        storage = _storage.open_storage(url, None if must_exist else _storage.Heartbeat())
+        storage = _storage.open_storage(url, None if must_exist else heartbeat)
     except (ValueError, TypeError) as exc:
         raise JobError(f"{where}: {exc}") from None
     return storage  # type: ignore[return-value]  # never None for a URL
@@ -258,6 +266,14 @@ class Job:
     @property
     def study_name(self) -> str:
         return self.spec.study.name or self.path.stem
+
+    def heartbeat(self) -> _storage.Heartbeat:
+        """The study's heartbeat (how soon a dead worker's trial is retried)."""
+        beat = self.spec.study.heartbeat
+        try:
+            return _storage.Heartbeat(beat.interval, beat.grace_period)
+        except ValueError as exc:
+            raise JobError(f"{self.source}: study.heartbeat: {exc}") from None
 
     def search_space(self) -> SearchSpace:
         return resolve_space(self.spec.search_space, self.path.resolve().parent,

@@ -96,8 +96,7 @@ def _open_rdb(url: str, heartbeat: Heartbeat | None) -> BaseStorage:
                   "heartbeat_stale_trial_callback": _retry_callback()}
     for attempt in range(_OPEN_TRIES):
         try:
-            with warnings.catch_warnings():
-                warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
+            with quiet_experimental():
                 return optuna.storages.RDBStorage(url, **kwargs)
         except ImportError as exc:  # Optuna wraps a missing driver in an ImportError
             raise ValueError(f"The storage URL {mask_url(url)!r} needs a database driver that is "
@@ -113,9 +112,16 @@ def _open_rdb(url: str, heartbeat: Heartbeat | None) -> BaseStorage:
     raise AssertionError("unreachable")
 
 
-def _retry_callback() -> RetryHeartbeatStaleTrialCallback:
-    with warnings.catch_warnings():  # experimental since Optuna 2.8, and what we need
+@contextmanager
+def quiet_experimental() -> Iterator[None]:
+    """Optuna marks its heartbeat and retry API experimental (since 2.8); it is what we need."""
+    with warnings.catch_warnings():
         warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
+        yield
+
+
+def _retry_callback() -> RetryHeartbeatStaleTrialCallback:
+    with quiet_experimental():
         return RetryHeartbeatStaleTrialCallback(max_retry=3)
 
 
@@ -134,7 +140,8 @@ def fail_stale_trials(study: optuna.Study, heartbeat: Heartbeat) -> None:
     """Fail (and retry) RUNNING trials whose worker stopped beating: Optuna's way, or ours on a journal."""
     storage = study._storage
     if _has_native_heartbeat(storage):
-        optuna.storages.fail_stale_trials(study)
+        with quiet_experimental():
+            optuna.storages.fail_stale_trials(study)
         return
     if not isinstance(storage, optuna.storages.JournalStorage):
         return
@@ -147,7 +154,8 @@ def fail_stale_trials(study: optuna.Study, heartbeat: Heartbeat) -> None:
             continue
         try:
             if storage.set_trial_state_values(trial._trial_id, state=TrialState.FAIL):
-                retry(study, storage.get_trial(trial._trial_id))
+                with quiet_experimental():
+                    retry(study, storage.get_trial(trial._trial_id))
         except optuna.exceptions.UpdateFinishedTrialError:
             pass  # another worker failed it first
 

@@ -3,8 +3,8 @@
 from __future__ import annotations
 
 import inspect
-import math
 import sys
+import tempfile
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
@@ -15,16 +15,18 @@ from optuna.trial import TrialState
 from cliptune._errors import check_positive_float, check_positive_int, unknown_name
 from cliptune.backends import TrainSettings, framework_of, get_backend
 from cliptune.config import ClipConfig
-from cliptune.data import Splits, make_splits
+from cliptune.data import make_splits
+from cliptune.parallel import run_workers, threads_per_worker
+from cliptune.runner import SURPLUS_ATTR, TrialRunner
 from cliptune.space import SearchSpace, config_from_params
-from cliptune.stability import StabilityPruner, TrialMonitor
+from cliptune.stability import StabilityPruner
+from cliptune.storage import Heartbeat, open_storage
 from cliptune.tracking import Tracker, make_tracker, storage_label
 
 if TYPE_CHECKING:
     import pandas as pd
 
 _METRICS = ("val_loss", "train_loss")
-_FINISHED = (TrialState.COMPLETE, TrialState.PRUNED, TrialState.FAIL)
 
 
 @dataclass
@@ -43,7 +45,8 @@ class TuneResult:
 
     @classmethod
     def from_study(cls, study: optuna.Study) -> TuneResult:
-        states = [t.state for t in study.get_trials(deepcopy=False)]
+        states = [t.state for t in study.get_trials(deepcopy=False)
+                  if not t.user_attrs.get(SURPLUS_ATTR)]
         complete = states.count(TrialState.COMPLETE)
         config, extras, value, params = None, {}, None, {}
         if complete:
@@ -139,6 +142,9 @@ def tune(
     experiment: str = "cliptune",
     tracker: Tracker | None = None,
     callbacks: list[Callable[[optuna.Study, optuna.trial.FrozenTrial], None]] | None = None,
+    n_jobs: int = 1,
+    heartbeat: Heartbeat | None = Heartbeat(),
+    _worker_index: int = 0,
 ) -> TuneResult:
     """Search the gradient-clipping mode and threshold (and any extras) for a model.
 
@@ -171,6 +177,12 @@ def tune(
             ``sqlite:///mlflow.db`` in the working folder (a plain ``mlflow ui`` there shows it).
         experiment: Name of the MLflow experiment.
         tracker: A custom :class:`cliptune.tracking.Tracker`; replaces ``tracking*``.
+        n_jobs: Worker processes running trials at once on this machine (``spawn``ed, so
+            ``model_fn`` must be importable, a module-level function, and the data picklable).
+            Without a ``storage`` they share a temporary journal file.
+        heartbeat: With a storage URL, how often running trials say they are alive, and how long
+            silence means their worker died (their trial is then failed and retried). ``None``
+            turns heartbeats off.
 
     Returns:
         A :class:`TuneResult`.
@@ -191,107 +203,73 @@ def tune(
     _check_choice(objective, "objective", ("last", "best"))
     if seed is not None and (isinstance(seed, bool) or not isinstance(seed, int)):
         raise TypeError(f"The 'seed' parameter of tune must be an int or None. Got {seed!r} instead.")
-    tracker = make_tracker(tracking, tracking_uri, experiment, tracker)
+    check_positive_int(n_jobs, "n_jobs")
+    if heartbeat is not None and not isinstance(heartbeat, Heartbeat):
+        raise TypeError("The 'heartbeat' parameter of tune must be a cliptune Heartbeat or None. "
+                        f"Got {type(heartbeat).__name__} instead.")
+    job_tracker = make_tracker(tracking, tracking_uri, experiment, tracker)
     space = SearchSpace.resolve(search_space)
     splits = make_splits(data, val_fraction, seed)
     framework = _probe_backend(model_fn, space)
     backend = get_backend(framework)
-    settings = TrainSettings(loss, optimizer, float(lr), epochs, batch_size, device, seed)
-    backend.check(model_fn, space.default_extras(), splits, settings)
+    threads = threads_per_worker(n_jobs) if n_jobs > 1 else None
+    settings = TrainSettings(loss, optimizer, float(lr), epochs, batch_size, device, seed, threads)
+    if not _worker_index:
+        backend.check(model_fn, space.default_extras(), splits, settings)
+    if n_jobs > 1 and storage is None:
+        return _tune_in_memory_by_workers(locals())
+    opened = open_storage(storage, heartbeat)
 
     stability_pruner = _build_pruner(pruner)
     optuna.logging.set_verbosity(optuna.logging.WARNING)  # the progress bar and tracker report
+    worker_seed = None if seed is None else seed + 7919 * _worker_index  # workers sample apart
     study = optuna.create_study(
-        storage=storage, sampler=sampler or _default_sampler(seed), pruner=stability_pruner,
+        storage=opened, sampler=sampler or _default_sampler(worker_seed), pruner=stability_pruner,
         study_name=study_name or (f"cliptune-{_model_name(model_fn)}" if storage else None),
         direction=direction, load_if_exists=True)
-    study.set_user_attr("cliptune.search_space", space.to_dict())
-    study.set_user_attr("cliptune.backend", framework)
+    if not _worker_index:
+        study.set_user_attr("cliptune.search_space", space.to_dict())
+        study.set_user_attr("cliptune.backend", framework)
     job = {"model": _model_name(model_fn), "backend": framework, "loss": str(loss),
            "optimizer": str(optimizer), "lr": lr, "epochs": epochs, "batch_size": batch_size,
            "search_space": space.name, "n_trials": n_trials, "seed": seed,
            "sampler": type(study.sampler).__name__,
-           "pruner": type(stability_pruner.pruner).__name__, "storage": storage_label(storage)}
-    runner = _Runner(backend, model_fn, splits, space, settings, stability_pruner, metric,
-                     objective, tracker)
-    remaining = n_trials - sum(t.state in _FINISHED for t in study.get_trials(deepcopy=False))
-    tracker.start(study, job)
-    if remaining > 0:
-        runner.run(study, remaining, n_trials, timeout,
-                   sys.stderr.isatty() if show_progress is None else show_progress, callbacks)
-    tracker.finish(study)
+           "pruner": type(stability_pruner.pruner).__name__, "storage": storage_label(storage),
+           "n_jobs": n_jobs}
+    runner = TrialRunner(backend, model_fn, splits, space, settings, stability_pruner, metric,
+                         objective, job_tracker, n_trials, heartbeat if storage is not None else None)
+    job_tracker.start(study, job)
+    progress = sys.stderr.isatty() if show_progress is None else show_progress
+    if n_jobs > 1:
+        worker_kwargs = {**_worker_kwargs(locals()), "storage": opened,
+                         "study_name": study.study_name}
+        run_workers(n_jobs, worker_kwargs,
+                    lambda: runner.run(study, timeout, progress, callbacks or ()))
+    else:
+        runner.run(study, timeout, progress and not _worker_index, callbacks or ())
+    job_tracker.finish(study)
     runner.raise_if_all_failed()
     return TuneResult.from_study(study)
 
 
-class _Runner:
-    """The objective and the loop around ``study.optimize`` for one tune() call."""
-
-    def __init__(self, backend: Any, model_fn: Callable[..., Any], splits: Splits,
-                 space: SearchSpace, settings: TrainSettings, pruner: StabilityPruner,
-                 metric: str, objective: str, tracker: Tracker) -> None:
-        self.backend, self.model_fn, self.splits, self.space = backend, model_fn, splits, space
-        self.settings, self.pruner, self.metric, self.objective = settings, pruner, metric, objective
-        self.tracker = tracker
-        self.errors: list[str] = []
-        self.n_ran = 0
-
-    def __call__(self, trial: optuna.Trial) -> float:
-        self.n_ran += 1
-        clip, extras = self.space.suggest(trial)
-        self.tracker.trial_started(trial, clip, extras)
-        number = trial.number
-        monitor = TrialMonitor(trial, self.pruner.rules, self.metric, self.objective,
-                               on_epoch=lambda e, s: self.tracker.epoch(number, e, s))
-        seed = None if self.settings.seed is None else self.settings.seed + number
-        try:
-            self.backend.train(self.model_fn, self.splits, clip, extras, self.settings, monitor,
-                               seed)
-            value = monitor.value()
-        except optuna.TrialPruned:
-            self.tracker.trial_finished(number, "PRUNED",
-                                        reason=trial.user_attrs.get("prune_reason", "unpromising"))
-            raise
-        except Exception as exc:
-            error = f"{type(exc).__name__}: {exc}"
-            self.errors.append(error)
-            trial.set_user_attr("error", error)
-            self.tracker.trial_finished(number, "FAIL", error=error)
-            raise
-        finally:  # once per trial, for the plots (a storage write per epoch is costly)
-            trial.set_user_attr("history", monitor.history)
-        self.tracker.trial_finished(number, "COMPLETE", value=value)
-        return value
-
-    def run(self, study: optuna.Study, remaining: int, total: int, timeout: float | None,
-            progress: bool,
-            extra: list[Callable[[optuna.Study, optuna.trial.FrozenTrial], None]] | None) -> None:
-        callbacks: list[Callable[[optuna.Study, optuna.trial.FrozenTrial], None]] = [
-            optuna.study.MaxTrialsCallback(total, states=_FINISHED), *(extra or ())]
-        bar = None
-        if progress:
-            from tqdm.auto import tqdm
-
-            bar = tqdm(total=total, initial=total - remaining, desc="cliptune", unit="trial")
-            callbacks.append(lambda s, t: _advance(bar, s))
-        try:
-            study.optimize(self, n_trials=remaining, timeout=timeout, catch=(Exception,),
-                           callbacks=callbacks)
-        finally:
-            if bar is not None:
-                bar.close()
-
-    def raise_if_all_failed(self) -> None:
-        if self.n_ran and len(self.errors) == self.n_ran:
-            raise RuntimeError(f"All {self.n_ran} trials failed; the first error was: "
-                               f"{self.errors[0]}")
+_TUNE_ARGS = tuple(inspect.signature(tune).parameters)
 
 
-def _advance(bar: Any, study: optuna.Study) -> None:
-    trials = study.get_trials(deepcopy=False)
-    values = [t.value for t in trials if t.state is TrialState.COMPLETE]
-    best = (min if study.direction == optuna.study.StudyDirection.MINIMIZE else max)(
-        values, default=math.nan)
-    pruned = sum(t.state is TrialState.PRUNED for t in trials)
-    bar.set_postfix(best=f"{best:.4g}", pruned=pruned, refresh=False)
-    bar.update(1)
+def _worker_kwargs(scope: dict[str, Any]) -> dict[str, Any]:
+    """tune()'s own arguments, for a worker process (which checks nothing twice and shows no bar)."""
+    kwargs = {name: scope[name] for name in _TUNE_ARGS if name != "_worker_index"}
+    kwargs.update(n_jobs=1, show_progress=False, callbacks=None)
+    return kwargs
+
+
+def _tune_in_memory_by_workers(scope: dict[str, Any]) -> TuneResult:
+    """n_jobs > 1 without a storage: the workers share a temporary journal; the result is in memory."""
+    with tempfile.TemporaryDirectory(prefix="cliptune-") as folder:
+        kwargs = {name: scope[name] for name in _TUNE_ARGS}
+        name = kwargs["study_name"] or f"cliptune-{_model_name(kwargs['model_fn'])}"
+        result = tune(**{**kwargs, "storage": f"journal:{folder}/study.log", "study_name": name})
+        memory = optuna.storages.InMemoryStorage()
+        optuna.copy_study(from_study_name=name, from_storage=result.study._storage,
+                          to_storage=memory)
+        study = optuna.load_study(study_name=name, storage=memory)
+    return TuneResult.from_study(study)

@@ -24,6 +24,7 @@ class TrainSettings:
     batch_size: int
     device: str = "cpu"
     seed: int | None = None
+    threads: int | None = None  # intra-op threads, set when workers share the cores
 
 
 class Backend(Protocol):

@@ -135,6 +135,8 @@ class TorchBackend:
               extras: dict[str, Any], settings: TrainSettings, monitor: TrialMonitor,
               seed: int | None) -> nn.Module:
         generator = None
+        if settings.threads:
+            torch.set_num_threads(settings.threads)
         if seed is not None:
             torch.manual_seed(seed)
             generator = torch.Generator().manual_seed(seed)

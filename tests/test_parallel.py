@@ -1,0 +1,209 @@
+"""Many workers on one study: the shared total, one MLflow parent, dead workers' trials retried."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import optuna
+import pytest
+
+torch = pytest.importorskip("torch")
+from torch import nn  # noqa: E402
+
+import cliptune  # noqa: E402
+from cliptune.runner import SURPLUS_ATTR, counts_toward_total  # noqa: E402
+from cliptune.storage import Heartbeat, open_storage, quiet_experimental  # noqa: E402
+from tests.conftest import regression_data  # noqa: E402
+
+ROOT = Path(__file__).resolve().parent.parent
+SPACE = {"modes": {"global_norm": {"threshold": {"low": 0.1, "high": 10.0, "log": True}},
+                   "value": {"threshold": {"low": 0.01, "high": 1.0, "log": True}}}}
+
+
+class _Slow(nn.Module):
+    """A linear model that takes ``delay`` seconds a batch, so a trial is long enough to kill."""
+
+    def __init__(self, delay: float) -> None:
+        super().__init__()
+        self.linear, self.delay = nn.Linear(4, 1), delay
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        time.sleep(self.delay)
+        return self.linear(x)
+
+
+def quick_model() -> nn.Module:
+    return _Slow(0.01)
+
+
+def slow_model() -> nn.Module:
+    return _Slow(0.15)
+
+
+def _kwargs(**extra: Any) -> dict[str, Any]:
+    return {"data": regression_data(n=160), "epochs": 2, "batch_size": 32, "lr": 0.05,
+            "search_space": SPACE, "seed": 0, "tracking": False, **extra}
+
+
+def _finished(study: optuna.Study) -> list[optuna.trial.FrozenTrial]:
+    return [t for t in study.get_trials(states=(optuna.trial.TrialState.COMPLETE,
+                                                optuna.trial.TrialState.PRUNED,
+                                                optuna.trial.TrialState.FAIL))
+            if not t.user_attrs.get(SURPLUS_ATTR)]
+
+
+def test_n_jobs_without_storage_runs_in_processes_and_returns_in_memory() -> None:
+    result = cliptune.tune(quick_model, **_kwargs(n_trials=6, n_jobs=2))
+    assert len(_finished(result.study)) == 6
+    assert isinstance(result.study._storage, optuna.storages.InMemoryStorage)
+    assert result.best_config is not None
+
+
+def test_n_jobs_needs_an_importable_factory() -> None:
+    with pytest.raises(TypeError, match="model_fn must be importable"):
+        cliptune.tune(lambda: nn.Linear(4, 1), **_kwargs(n_trials=2, n_jobs=2))
+
+
+def test_three_workers_on_postgres_share_the_total_and_one_parent_run(pg_url: str,
+                                                                       tmp_path: Path) -> None:
+    import mlflow
+
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    result = cliptune.tune(quick_model, **_kwargs(
+        n_trials=12, n_jobs=3, storage=pg_url, study_name="shared", tracking=True,
+        tracking_uri=uri, experiment="parallel"))
+    study = optuna.load_study(study_name="shared", storage=pg_url)
+    finished = _finished(study)
+    assert len(finished) == 12 and counts_toward_total(study.trials) == 12
+    assert len({t.number for t in finished}) == 12
+    assert not [t for t in study.trials if t.state == optuna.trial.TrialState.RUNNING]
+    assert result.n_complete + result.n_pruned + result.n_failed == 12
+
+    client = mlflow.MlflowClient(uri)
+    experiment = client.get_experiment_by_name("parallel")
+    runs = client.search_runs([experiment.experiment_id], max_results=100)
+    parents = [r for r in runs if "mlflow.parentRunId" not in r.data.tags]
+    children = [r for r in runs if "mlflow.parentRunId" in r.data.tags]
+    assert len(parents) == 1
+    assert parents[0].info.run_id == study.user_attrs["cliptune.mlflow_parent_run_id"]
+    assert {r.data.tags["mlflow.parentRunId"] for r in children} == {parents[0].info.run_id}
+    assert sorted(int(r.data.tags["optuna.trial_number"]) for r in children) == \
+        sorted(t.number for t in finished)
+    assert parents[0].data.params["best_clip_mode"] == result.best_config.mode.value
+
+
+_WORKER = """
+import sys
+sys.path.insert(0, {root!r})
+import cliptune
+from cliptune.storage import Heartbeat
+from tests.test_parallel import slow_model, _kwargs
+cliptune.tune(slow_model, **_kwargs(n_trials={n}, storage={url!r}, study_name="kill",
+              heartbeat=Heartbeat(1, 3)))
+"""
+
+
+def _load(url: str, name: str) -> optuna.Study:
+    return optuna.load_study(study_name=name, storage=open_storage(url, None))
+
+
+def _wait_for_running(url: str, name: str, timeout: float = 120.0) -> int:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        try:
+            study = _load(url, name)
+            running = study.get_trials(states=(optuna.trial.TrialState.RUNNING,))
+            done = study.get_trials(states=(optuna.trial.TrialState.COMPLETE,))
+            if running and done:  # kill it in the middle of its second trial or later
+                return running[0].number
+        except (KeyError, ValueError):  # no study, or no database, yet
+            pass
+        time.sleep(0.2)
+    raise AssertionError("the worker never started a trial")
+
+
+def _kill_then_finish(url: str, tmp_path: Path) -> None:
+    script = tmp_path / "worker.py"
+    script.write_text(_WORKER.format(root=str(ROOT), n=5, url=url))
+    worker = subprocess.Popen([sys.executable, str(script)], stderr=subprocess.DEVNULL)
+    try:
+        killed = _wait_for_running(url, "kill")
+        os.kill(worker.pid, signal.SIGKILL)
+        worker.wait(timeout=30)
+        done_before = [t.number for t in _load(url, "kill").trials
+                       if t.state == optuna.trial.TrialState.COMPLETE]
+        cliptune.tune(slow_model, **_kwargs(n_trials=5, storage=url, study_name="kill",
+                                            heartbeat=Heartbeat(1, 3)))
+    finally:
+        worker.kill()
+    study = _load(url, "kill")
+    by_number = {t.number: t for t in study.trials}
+    assert by_number[killed].state == optuna.trial.TrialState.FAIL
+    with quiet_experimental():
+        retries = [t for t in study.trials
+                   if optuna.storages.RetryHeartbeatStaleTrialCallback.retried_trial_number(t) == killed]
+    assert len(retries) == 1 and retries[0].state != optuna.trial.TrialState.FAIL
+    assert retries[0].params == by_number[killed].params  # the same trial, run again
+    assert all(by_number[n].state == optuna.trial.TrialState.COMPLETE for n in done_before)
+    assert counts_toward_total(study.trials) == 5
+    assert not study.get_trials(states=(optuna.trial.TrialState.RUNNING,))
+
+
+def test_a_killed_workers_trial_is_failed_and_retried_on_postgres(pg_url: str,
+                                                                  tmp_path: Path) -> None:
+    _kill_then_finish(pg_url, tmp_path)
+
+
+def test_a_killed_workers_trial_is_failed_and_retried_on_a_journal(tmp_path: Path) -> None:
+    _kill_then_finish(f"journal:{tmp_path / 'study.log'}", tmp_path)
+
+
+def test_a_killed_cli_job_is_finished_by_running_it_again(tmp_path: Path) -> None:
+    (tmp_path / "slowjob.py").write_text(
+        f"import sys\nsys.path.insert(0, {str(ROOT)!r})\n"
+        "from tests.test_parallel import slow_model\n"
+        "from tests.conftest import regression_data\n"
+        "def make_data():\n    return regression_data(n=160)\n")
+    job = tmp_path / "job.yaml"
+    job.write_text("model: slowjob:slow_model\ndata: slowjob:make_data\nepochs: 2\nbatch_size: 32\n"
+                   "optimizer: {name: sgd, lr: 0.05}\nn_trials: 4\nseed: 0\n"
+                   "study: {name: resumable, heartbeat: {interval: 1, grace_period: 3}}\n"
+                   "tracking: {enabled: false}\nsearch_space: rnn\n")
+    url = f"sqlite:///{tmp_path / 'mlruns' / 'cliptune-optuna.db'}"
+    command = [sys.executable, "-m", "cliptune", "tune", str(job)]
+    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    first = subprocess.Popen(command, cwd=tmp_path, env=env, stdout=subprocess.DEVNULL,
+                             stderr=subprocess.DEVNULL)
+    try:
+        killed = _wait_for_running(url, "resumable")
+        first.send_signal(signal.SIGKILL)
+        first.wait(timeout=30)
+    finally:
+        first.kill()
+    again = subprocess.run(command, cwd=tmp_path, env=env, capture_output=True, text=True,
+                           timeout=300)
+    assert again.returncode == 0, again.stderr
+    study = optuna.load_study(study_name="resumable", storage=url)
+    assert study.trials[killed].state == optuna.trial.TrialState.FAIL
+    assert counts_toward_total(study.trials) == 4
+    assert "best of study 'resumable'" in again.stdout
+
+
+def test_unreachable_database_is_one_clear_error_with_exit_2(tmp_path: Path) -> None:
+    job = tmp_path / "job.yaml"
+    job.write_text("model: tests.test_parallel:quick_model\ndata: tests.conftest:regression_data\n"
+                   "study: {storage: 'postgresql://bob:hunter2@127.0.0.1:1/none'}\n")
+    out = subprocess.run([sys.executable, "-m", "cliptune", "worker", str(job), "--no-tracking"],
+                         cwd=tmp_path, env={**os.environ, "PYTHONPATH": str(ROOT)},
+                         capture_output=True, text=True, timeout=120)
+    assert out.returncode == 2
+    lines = out.stderr.strip().splitlines()
+    assert len(lines) == 1 and "Cannot open the Optuna storage 'postgresql://bob:***@127.0.0.1:1/none'" \
+        in lines[0], out.stderr
+    assert "hunter2" not in out.stderr
