@@ -104,8 +104,9 @@ def _text(value: object, limit: int) -> str:
 class _TrialRun:
     """A trial's nested run and the metrics not sent yet."""
 
-    def __init__(self, run_id: str) -> None:
+    def __init__(self, run_id: str, params: list[Any]) -> None:
         self.run_id = run_id
+        self.params = params  # go with the first send: one call less for a short trial
         self.pending: list[Any] = []
         self.sent_at = time.monotonic()
 
@@ -122,8 +123,9 @@ class MlflowTracker(Tracker):
             ``mlflow.set_tracking_uri``), else ``sqlite:///mlflow.db`` in the working folder with
             artifacts under ``./mlruns``, which a plain ``mlflow ui`` there shows.
         experiment: Name of the MLflow experiment, created when missing.
-        flush_every_s: Seconds between sends of a running trial's metrics (at most one send an
-            epoch, plus one at the trial's end); ``0`` sends every epoch.
+        flush_every_s: Seconds between sends of a running trial's params and metrics (at most
+            one send an epoch, plus one at the trial's end); ``0`` sends every epoch. The nested
+            run itself, named after its clip, is created when the trial starts.
 
     Example:
         >>> tracker = MlflowTracker("sqlite:///mlflow.db", experiment="rnn-clipping")
@@ -157,7 +159,9 @@ class MlflowTracker(Tracker):
 
         try:
             self._connect()
-            run = self.client.create_run(self.experiment_id, run_name=study.study_name, tags={
+            name = study.study_name  # an in-memory study's is Optuna's "no-name-<uuid>"
+            name = f"cliptune-{job.get('model')}" if name.startswith("no-name-") else name
+            run = self.client.create_run(self.experiment_id, run_name=name, tags={
                 "cliptune.study": study.study_name, "cliptune.backend": str(job.get("backend"))})
             self.parent_id = run.info.run_id
             self._send(self.parent_id, params=[Param(k, _text(v, _MAX_PARAM)) for k, v in job.items()])
@@ -205,11 +209,12 @@ class MlflowTracker(Tracker):
 
         tags = {"mlflow.parentRunId": self.parent_id, "cliptune.study": trial.study.study_name,
                 "optuna.trial_number": str(trial.number), "cliptune.state": "RUNNING"}
-        run = self.client.create_run(self.experiment_id, run_name=f"trial-{trial.number}", tags=tags)
+        clip_text = clip.mode.value + ("" if clip.threshold is None else f"={clip.threshold:.4g}")
+        run = self.client.create_run(self.experiment_id, tags=tags,  # the clip shows at once
+                                     run_name=f"trial-{trial.number} {clip_text}")
         params = {"clip_mode": clip.mode.value, "clip_threshold": clip.threshold, **extras}
-        self._trials[trial.number] = _TrialRun(run.info.run_id)
-        self._send(run.info.run_id, params=[Param(k, _text(v, _MAX_PARAM))
-                                            for k, v in params.items() if v is not None])
+        self._trials[trial.number] = _TrialRun(run.info.run_id, [
+            Param(k, _text(v, _MAX_PARAM)) for k, v in params.items() if v is not None])
 
     def _epoch(self, trial_number: int, epoch: int, stats: dict[str, float]) -> None:
         from mlflow.entities import Metric
@@ -218,8 +223,8 @@ class MlflowTracker(Tracker):
         now = int(time.time() * 1000)
         run.pending.extend(Metric(k, float(v), now, epoch) for k, v in stats.items())
         if time.monotonic() - run.sent_at >= self.flush_every_s:
-            self._send(run.run_id, metrics=run.pending)
-            run.pending, run.sent_at = [], time.monotonic()
+            self._send(run.run_id, metrics=run.pending, params=run.params)
+            run.pending, run.params, run.sent_at = [], [], time.monotonic()
 
     def _trial_finished(self, trial_number: int, state: str, value: float | None,
                         reason: str | None, error: str | None) -> None:
@@ -230,8 +235,8 @@ class MlflowTracker(Tracker):
         metrics = run.pending
         if value is not None:
             metrics.append(Metric("value", float(value), int(time.time() * 1000), 0))
-        self._send(run.run_id, metrics=metrics, tags=[RunTag(k, _text(v, _MAX_TAG))
-                                                      for k, v in tags.items() if v is not None])
+        self._send(run.run_id, metrics=metrics, params=run.params, tags=[
+            RunTag(k, _text(v, _MAX_TAG)) for k, v in tags.items() if v is not None])
         self.client.set_terminated(run.run_id, _END_STATUS[state])
 
     def _finish(self, study: optuna.Study) -> None:
