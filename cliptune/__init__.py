@@ -15,7 +15,8 @@ from cliptune.tuner import TuneResult, tune
 
 __version__ = "0.1.0"
 
-_LAZY = {"clip_grads_": "cliptune.backends._torch_clip"}
+_LAZY = {"clip_grads_": "cliptune.backends._torch_clip",
+         "keras_optimizer": "cliptune.backends._keras"}
 
 
 def __getattr__(name: str) -> Any:
@@ -38,6 +39,7 @@ __all__ = [
     "TrialMonitor",
     "TuneResult",
     "clip_grads_",
+    "keras_optimizer",
     "shipped_spaces",
     "tune",
 ]
