@@ -5,6 +5,7 @@ from __future__ import annotations
 import math
 import subprocess
 import sys
+from pathlib import Path
 
 import numpy as np
 import optuna
@@ -107,6 +108,25 @@ def test_compiled_model_keeps_its_loss_metrics_and_xla_choice() -> None:
 SEQ = 20
 
 
+def test_eager_model_callable_loss_and_extras_factory() -> None:
+    seen: list[dict[str, float]] = []
+
+    def model_fn(extras: dict[str, float]) -> keras.Model:
+        seen.append(extras)
+        model = _dense_model()
+        model.compile(loss="mse", run_eagerly=True)
+        return model
+
+    splits = make_splits(regression_data(n=64), 0.25, 0)
+    settings = TrainSettings(keras.losses.Huber(), "sgd", 0.01, epochs=1, batch_size=16)
+    monitor = _monitor()
+    model = BACKEND.train(model_fn, splits, ClipConfig("value", 0.1), {"momentum": 0.9},
+                          settings, monitor, seed=0)
+    assert seen == [{"momentum": 0.9}] and model.optimizer.momentum == 0.9
+    assert isinstance(model.loss, keras.losses.Huber) and model.run_eagerly
+    assert monitor.steps == 3 and math.isfinite(monitor.history[0]["val_loss"])
+
+
 def _lstm() -> keras.Model:
     model = keras.Sequential([keras.Input((SEQ, 2)), keras.layers.LSTM(8), keras.layers.Dense(1)])
     model.compile(loss="mse", jit_compile=False)  # no XLA: compiling costs more than it saves here
@@ -151,6 +171,25 @@ def test_tune_finds_a_stable_config_where_no_clip_explodes() -> None:
     assert math.isfinite(result.best_value)
     assert (frame[frame.state == "COMPLETE"].clip_mode != "none").all()
     assert result.study.user_attrs["cliptune.backend"] == "keras"
+
+
+def test_mlflow_records_keras_trials_like_torch_ones(tmp_path: Path) -> None:
+    mlflow = pytest.importorskip("mlflow")
+    space = {"version": 1, "modes": {"none": {}, "global_norm": {"threshold": {"choices": [1.0]}}}}
+    tune(_dense_model, regression_data(n=64), epochs=2, batch_size=16, n_trials=2, seed=0,
+         search_space=space, sampler=optuna.samplers.BruteForceSampler(seed=0),
+         tracking_uri=f"sqlite:///{tmp_path / 'mlflow.db'}", experiment="keras")
+    client = mlflow.MlflowClient(f"sqlite:///{tmp_path / 'mlflow.db'}")
+    runs = client.search_runs([client.get_experiment_by_name("keras").experiment_id])
+    parents = [r for r in runs if "mlflow.parentRunId" not in r.data.tags]
+    assert len(parents) == 1 and parents[0].data.tags["cliptune.backend"] == "keras"
+    children = [r for r in runs if r not in parents]
+    assert sorted(r.data.params["clip_mode"] for r in children) == ["global_norm", "none"]
+    for run in children:
+        assert run.data.tags["cliptune.state"] == "COMPLETE"
+        for key in ("train_loss", "val_loss", "grad_norm_mean", "grad_norm_max", "clip_fraction"):
+            steps = [m.step for m in client.get_metric_history(run.info.run_id, key)]
+            assert steps == [0, 1]
 
 
 def test_tf_data_datasets_and_val_pairs_train() -> None:

@@ -274,7 +274,7 @@ class KerasBackend:
 
     def check(self, model_fn: Callable[..., Any], extras: dict[str, Any], splits: Splits,
               settings: TrainSettings) -> None:
-        _size_thread_pools(getattr(settings, "threads", None))
+        _size_thread_pools(settings.threads)
         model = build_model(model_fn, extras)
         # A clip that sets an argument, so a factory that drops it fails here, before the study.
         compile_model(model, ClipConfig("global_norm", 1.0), extras, settings)
@@ -284,7 +284,7 @@ class KerasBackend:
     def train(self, model_fn: Callable[..., Any], splits: Splits, clip: ClipConfig,
               extras: dict[str, Any], settings: TrainSettings, monitor: TrialMonitor,
               seed: int | None) -> keras.Model:
-        _size_thread_pools(getattr(settings, "threads", None))
+        _size_thread_pools(settings.threads)
         if seed is not None:
             keras.utils.set_random_seed(seed)
         model = build_model(model_fn, extras)
