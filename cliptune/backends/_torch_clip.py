@@ -26,6 +26,27 @@ def _norms(grads: list[Tensor]) -> Tensor:
     return torch.stack([n.float() for n in torch._foreach_norm(grads)])
 
 
+def _clamp_(grads: list[Tensor], t: float) -> tuple[Tensor, Tensor]:
+    """Value clip, one tensor at a time so that it is read from memory once and then from cache.
+
+    Per tensor: its min and max (whether the clamp changes anything), its norm, the clamp. On CPU
+    this is ~9x faster than a foreach inf-norm (a slow kernel there) at 10M parameters, and about as
+    fast as torch's ``clip_grad_value_``, which computes no norm (benchmarks/clip_kernels.py).
+    """
+    zero = grads[0].new_zeros(())  # so that an empty tensor (or all) leaves something to stack
+    norms, low, high = [zero.float()], [zero], [zero]
+    for g in grads:
+        if not g.numel():
+            continue
+        lo, hi = torch.aminmax(g)
+        norms.append(torch.linalg.vector_norm(g).float())
+        low.append(lo)
+        high.append(hi)
+        g.clamp_(-t, t)
+    changed = (torch.stack(high) > t).any() | (torch.stack(low) < -t).any()
+    return torch.linalg.vector_norm(torch.stack(norms)), changed
+
+
 def clip_tensors_(grads: list[Tensor], clip: ClipConfig) -> tuple[Tensor, Tensor]:
     """Clip ``grads`` in place; return the pre-clip global L2 norm and whether anything changed.
 
@@ -35,17 +56,13 @@ def clip_tensors_(grads: list[Tensor], clip: ClipConfig) -> tuple[Tensor, Tensor
     if not grads:
         zero = torch.zeros((), dtype=torch.float32)
         return zero, zero.bool()
+    mode, t = clip.mode, clip.threshold
+    if mode is ClipMode.VALUE:
+        return _clamp_(grads, t)
     norms = _norms(grads)
     total = torch.linalg.vector_norm(norms)
-    mode, t = clip.mode, clip.threshold
     if mode is ClipMode.NONE:
         return total, torch.zeros((), dtype=torch.bool, device=total.device)
-    if mode is ClipMode.VALUE:
-        # The largest element decides whether the clamp changes anything.
-        peak = torch.stack([n.float() for n in torch._foreach_norm(grads, float("inf"))]).max()
-        for g in grads:  # one in-place pass per tensor (torch's foreach clamp makes two)
-            g.clamp_(-t, t)
-        return total, peak > t
     if mode is ClipMode.NORM:
         scales = t / norms.clamp_min(t)
         torch._foreach_mul_(grads, list(scales.to(grads[0].dtype).unbind()))

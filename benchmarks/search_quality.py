@@ -1,0 +1,157 @@
+"""Search quality: what tune() finds in 20 trials versus a grid oracle and the usual fixed defaults.
+
+Why: a tuner is worth its trials only if it finds about what an exhaustive search finds, and does
+better than the clip people set without searching. On each task of ``benchmarks/tasks.py``, for
+seeds 0, 1 and 2:
+
+- ``tune``: ``tune()`` with its defaults (TPE, stability rules + MedianPruner), 20 trials;
+- ``grid``: every mode of the default search space x 8 log-spaced thresholds over its range (25
+  configurations with ``none``), each trained to its last epoch;
+- ``defaults``: no clip; global norm 1.0; value 1.0; per-tensor norm 1.0, each trained fully.
+
+All are worth the validation loss at the last epoch on the same split (a non-finite one counts as
+infinitely bad); the grid and the defaults train with the seed, tune()'s trials with seed + trial
+number. Reported per task: the medians over seeds of tune / grid best and tune / best default, and
+the training steps each approach spent (training-mode forward passes).
+
+A best value is the minimum of noisy evaluations (a configuration's final loss moves with its
+initialisation), so the grid's best over 25 draws is luckier than tune()'s over 20.
+``chosen_tune_vs_grid`` takes that luck out: the configurations the two chose are each re-trained
+on 3 fresh training seeds (same split) and their mean losses compared. Those re-runs are not
+counted in the steps.
+
+    python -m benchmarks search_quality
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from typing import Any
+
+import numpy as np
+
+from benchmarks._common import median, report, setup_torch, target
+from benchmarks.tasks import TASKS, Task, counting
+
+N_TRIALS = 20
+RETRAIN = 3  # fresh training seeds on which the configs chosen by tune and by the grid are re-run
+SEEDS = (0, 1, 2)
+DEFAULTS = {"no clip": ("none", None), "global_norm 1.0": ("global_norm", 1.0),
+            "value 1.0": ("value", 1.0), "norm 1.0": ("norm", 1.0)}
+
+
+def grid_configs(n: int = 8) -> list[Any]:
+    """``none`` plus ``n`` log-spaced thresholds over each mode's range in the default space."""
+    from cliptune import ClipConfig, SearchSpace
+
+    configs = []
+    for mode, rng in SearchSpace.shipped("default").modes.items():
+        if rng is None:
+            configs.append(ClipConfig(mode))
+        else:
+            configs += [ClipConfig(mode, float(t)) for t in np.geomspace(rng.low, rng.high, n)]
+    return configs
+
+
+def train_fully(task: Task, clip: Any, seed: int, train_seed: int | None = None) -> float:
+    """One configuration trained to its last epoch, no pruning; its last validation loss.
+
+    ``seed`` picks the split (as in tune()); ``train_seed`` the initialisation and batches.
+    """
+    import optuna
+
+    from cliptune.backends import TrainSettings
+    from cliptune.backends._torch import BACKEND
+    from cliptune.data import make_splits
+    from cliptune.stability import TrialMonitor
+
+    splits = make_splits(task.data, 0.2, seed)
+    train_seed = seed if train_seed is None else train_seed
+    settings = TrainSettings(task.loss, "sgd", task.lr, task.epochs, task.batch_size, "cpu",
+                             train_seed)
+    monitor = TrialMonitor(optuna.create_study(pruner=optuna.pruners.NopPruner()).ask(), None)
+    BACKEND.train(task.counted_model_fn(), splits, clip, {}, settings, monitor, train_seed)
+    value = monitor.value()
+    return value if math.isfinite(value) else math.inf
+
+
+def one_seed(task: Task, seed: int, n_trials: int, grid: list[Any]) -> dict[str, Any]:
+    import cliptune
+    from cliptune import ClipConfig
+
+    start = time.perf_counter()
+    with counting(task) as tune_steps:
+        result = cliptune.tune(task.counted_model_fn(), task.data, **task.tune_kwargs(),
+                               n_trials=n_trials, seed=seed, tracking=False, show_progress=False)
+    tune_s = time.perf_counter() - start
+    with counting(task, checked=False) as grid_steps:
+        grid_values = [train_fully(task, clip, seed) for clip in grid]
+    with counting(task, checked=False) as default_steps:
+        defaults = {name: train_fully(task, ClipConfig(mode, t), seed)  # type: ignore[arg-type]
+                    for name, (mode, t) in DEFAULTS.items()}
+    best_grid = int(np.argmin(grid_values))
+    best_default = min(defaults, key=defaults.__getitem__)
+    tune_best = result.best_value if result.best_value is not None else math.inf
+
+    def retrained(clip: Any) -> float:  # the chosen config on fresh training seeds, same split
+        return float(np.mean([train_fully(task, clip, seed, 1000 + k) for k in range(RETRAIN)]))
+
+    chosen_grid = retrained(grid[best_grid])
+    chosen_tune = retrained(result.best_config) if result.best_config is not None else math.inf
+    return {"task": task.name, "seed": seed, "tune_best": tune_best,
+            "tune_config": str(result.best_config), "grid_best": grid_values[best_grid],
+            "grid_config": str(grid[best_grid]), "best_default": defaults[best_default],
+            "best_default_name": best_default, **{f"default {k}": v for k, v in defaults.items()},
+            "tune_vs_grid": tune_best / grid_values[best_grid],
+            "tune_vs_best_default": tune_best / defaults[best_default],
+            "tune_chosen_retrained": chosen_tune, "grid_chosen_retrained": chosen_grid,
+            "chosen_tune_vs_grid": chosen_tune / chosen_grid, "tune_steps": tune_steps[0],
+            "grid_steps": grid_steps[0], "defaults_steps": default_steps[0], "tune_seconds": tune_s}
+
+
+def run(n_trials: int = N_TRIALS, seeds: tuple[int, ...] = SEEDS,
+        tasks: tuple[str, ...] = tuple(TASKS), grid_points: int = 8,
+        out_dir: Any = None) -> dict[str, Any]:
+    setup_torch()
+    grid = grid_configs(grid_points)
+    per_seed = []
+    rows = []
+    for name in tasks:
+        task = TASKS[name]()
+        found = [one_seed(task, seed, n_trials, grid) for seed in seeds]
+        per_seed += found
+        rows.append({
+            "task": name,
+            "tune_best": median([r["tune_best"] for r in found]),
+            "grid_best": median([r["grid_best"] for r in found]),
+            "best_default": median([r["best_default"] for r in found]),
+            "no_clip": median([r["default no clip"] for r in found]),
+            "tune_vs_grid": median([r["tune_vs_grid"] for r in found]),
+            "tune_vs_best_default": median([r["tune_vs_best_default"] for r in found]),
+            "chosen_tune_vs_grid": median([r["chosen_tune_vs_grid"] for r in found]),
+            "tune_steps": median([r["tune_steps"] for r in found]),
+            "grid_steps": median([r["grid_steps"] for r in found]),
+            "defaults_steps": median([r["defaults_steps"] for r in found]),
+            "grid_configs": len(grid),
+        })
+    worst_grid = max(r["tune_vs_grid"] for r in rows)
+    beats = sum(r["tune_vs_best_default"] < 1 for r in rows)
+    targets = [
+        target("tune / grid best (worst task, median of seeds)", worst_grid, "<= 1.05",
+               worst_grid <= 1.05),
+        target("tasks where tune beats the best fixed default", float(beats), ">= 2", beats >= 2),
+    ]
+    meta = {"trials": n_trials, "seeds": list(seeds), "grid": [str(c) for c in grid],
+            "defaults": list(DEFAULTS), "per_seed": per_seed,
+            "value": "validation loss at the last epoch (lower is better)"}
+    kwargs = {} if out_dir is None else {"out_dir": out_dir}
+    return report("search_quality", "Search quality (median of seeds)", rows,
+                  ["task", "tune_best", "grid_best", "best_default", "no_clip", "tune_vs_grid",
+                   "tune_vs_best_default", "chosen_tune_vs_grid", "tune_steps", "grid_steps",
+                   "defaults_steps"],
+                  targets, meta, **kwargs)
+
+
+if __name__ == "__main__":
+    run()

@@ -1,0 +1,33 @@
+"""Smoke test of the benchmark suite at a toy size: it runs and writes a well-formed result.
+
+No timing is asserted here; the figures belong to ``python -m benchmarks``.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+
+import pytest
+
+pytest.importorskip("torch")
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from benchmarks import clip_kernels  # noqa: E402
+from benchmarks.__main__ import main  # noqa: E402
+
+
+def test_clip_kernels_writes_a_table_and_json(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    result = clip_kernels.run(repeats=2, sizes={"tiny": 2000}, out_dir=tmp_path)
+    written = json.loads((tmp_path / "clip_kernels.json").read_text())
+    assert written["name"] == "clip_kernels" and written["meta"]["torch_threads"] >= 1
+    assert {r["candidate"] for r in written["rows"]} >= {"cliptune value", "torch clip_grad_norm_"}
+    assert all(r["median_ms"] > 0 for r in written["rows"])
+    assert [t["what"] for t in written["targets"]] == [t["what"] for t in result["targets"]]
+    assert "cliptune global_norm" in capsys.readouterr().out
+
+
+def test_unknown_benchmark_name_is_refused(capsys: pytest.CaptureFixture[str]) -> None:
+    assert main(["clip_kernel"]) == 2
+    assert "Unknown benchmark 'clip_kernel'; choose from clip_kernels" in capsys.readouterr().err
