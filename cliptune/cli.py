@@ -150,21 +150,10 @@ def cmd_best(args: argparse.Namespace) -> int:
 
 
 def cmd_report(args: argparse.Namespace) -> int:
+    from cliptune.report import write_report
+
     study, _ = _study_from_args(args)
-    out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
-    TuneResult.from_study(study).trials_dataframe().to_csv(out / "trials.csv", index=False)
-    print(out / "trials.csv")
-    try:
-        from cliptune.plots import write_plots
-    except ModuleNotFoundError as exc:
-        if exc.name != "cliptune.plots":
-            raise
-        print("plots skipped: cliptune.plots is not available", file=sys.stderr)
-        return 0
-    before = set(out.rglob("*.png"))
-    write_plots(study, out)
-    for path in sorted(set(out.rglob("*.png")) - before):
+    for path in write_report(TuneResult.from_study(study), Path(args.out)):
         print(path)
     return 0
 

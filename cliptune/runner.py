@@ -100,6 +100,9 @@ class TrialRunner:
             self.tracker.trial_finished(number, "PRUNED",
                                         reason=trial.user_attrs.get("prune_reason", "unpromising"))
             raise
+        except KeyboardInterrupt:  # Optuna records the trial FAIL; close its run the same way
+            self.tracker.trial_finished(number, "FAIL", error="KeyboardInterrupt: interrupted")
+            raise
         except Exception as exc:
             error = f"{type(exc).__name__}: {exc}"
             self.errors.append(error)

@@ -13,27 +13,51 @@ Two processes opening a brand-new database at once race on creating its schema; 
 from __future__ import annotations
 
 import random
-import re
 import threading
 import time
 import warnings
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, TypeVar
+from urllib.parse import parse_qsl, urlencode, urlsplit, urlunsplit
 
 import optuna
 from optuna.storages import BaseStorage, RetryHeartbeatStaleTrialCallback
 from optuna.trial import TrialState
 
 HEARTBEAT_ATTR = "cliptune.heartbeat"
+_SECRET_KEYS = ("password", "passwd", "pwd", "secret", "token", "api_key", "apikey")
 _RDB_SCHEMES = ("sqlite", "postgresql", "mysql")
 _OPEN_TRIES = 8
+T = TypeVar("T")
 
 
 def mask_url(url: str) -> str:
-    """The URL with any password replaced by ``***`` (safe to log)."""
-    return re.sub(r"(://[^:/@]+:)[^/]*@", r"\1***@", url)
+    """``url`` with any password (in the user info or a query parameter) replaced by ``***``.
+
+    Example:
+        >>> mask_url("postgresql://me:s3cret@db:5432/optuna")
+        'postgresql://me:***@db:5432/optuna'
+    """
+    parts = urlsplit(url)
+    if parts.password is None and not any(k.lower() in _SECRET_KEYS for k, _ in parse_qsl(parts.query)):
+        return url  # untouched (urlunsplit would turn sqlite:///x into sqlite:/x)
+    netloc = parts.netloc
+    if parts.password is not None:
+        user_info, host = netloc.rsplit("@", 1)
+        netloc = f"{user_info.split(':', 1)[0]}:***@{host}"
+    pairs = parse_qsl(parts.query, keep_blank_values=True)
+    query = urlencode([(k, "***" if k.lower() in _SECRET_KEYS else v) for k, v in pairs], safe="*")
+    return urlunsplit(parts._replace(netloc=netloc, query=query))
+
+
+def storage_label(storage: object) -> str:
+    """What to log of an Optuna storage: its URL with the password masked, or its type."""
+    if storage is None:
+        return "in-memory"
+    url = storage if isinstance(storage, str) else getattr(storage, "url", None)
+    return mask_url(url) if isinstance(url, str) else type(storage).__name__
 
 
 @dataclass(frozen=True)
@@ -58,7 +82,21 @@ def _scheme(url: str) -> str:
 def _is_schema_race(exc: BaseException) -> bool:
     text = str(exc).lower()
     return any(s in text for s in ("already exists", "unique constraint", "uniqueviolation",
+                                   "duplicate column",
                                    "duplicate key", "database is locked"))
+
+
+def retry_schema_races(create: Callable[[], T], tries: int = _OPEN_TRIES) -> T:
+    """Call ``create``, again after a short random pause while another process is creating the
+    same brand-new database schema (or the same MLflow experiment) at the same moment."""
+    for attempt in range(tries):
+        try:
+            return create()
+        except Exception as exc:
+            if attempt == tries - 1 or not _is_schema_race(exc):
+                raise
+            time.sleep(random.uniform(0.05, 0.3) * (attempt + 1))
+    raise AssertionError("unreachable")
 
 
 def open_storage(storage: str | BaseStorage | None, heartbeat: Heartbeat | None = Heartbeat()
@@ -94,22 +132,21 @@ def _open_rdb(url: str, heartbeat: Heartbeat | None) -> BaseStorage:
     if heartbeat is not None:
         kwargs = {"heartbeat_interval": heartbeat.interval, "grace_period": heartbeat.grace_period,
                   "heartbeat_stale_trial_callback": _retry_callback()}
-    for attempt in range(_OPEN_TRIES):
-        try:
-            with quiet_experimental():
-                return optuna.storages.RDBStorage(url, **kwargs)
-        except ImportError as exc:  # Optuna wraps a missing driver in an ImportError
-            raise ValueError(f"The storage URL {mask_url(url)!r} needs a database driver that is "
-                             "not installed (for PostgreSQL: pip install 'cliptune[postgres]', which "
-                             "brings psycopg 3 for postgresql:// and psycopg2 for "
-                             "postgresql+psycopg2://).") from exc
-        except Exception as exc:  # SQLAlchemy's errors, without importing it here
-            if _is_schema_race(exc) and attempt < _OPEN_TRIES - 1:
-                time.sleep(random.uniform(0.05, 0.3) * (attempt + 1))  # another worker is creating it
-                continue
-            reason = str(exc).strip().splitlines()[0][:300]
-            raise ValueError(f"Cannot open the Optuna storage {mask_url(url)!r}: {reason}") from None
-    raise AssertionError("unreachable")
+
+    def create() -> BaseStorage:
+        with quiet_experimental():
+            return optuna.storages.RDBStorage(url, **kwargs)
+
+    try:
+        return retry_schema_races(create)
+    except ImportError as exc:  # Optuna wraps a missing driver in an ImportError
+        raise ValueError(f"The storage URL {mask_url(url)!r} needs a database driver that is "
+                         "not installed (for PostgreSQL: pip install 'cliptune[postgres]', which "
+                         "brings psycopg 3 for postgresql:// and psycopg2 for "
+                         "postgresql+psycopg2://).") from exc
+    except Exception as exc:  # SQLAlchemy's errors, without importing it here
+        reason = str(exc).strip().splitlines()[0][:300]
+        raise ValueError(f"Cannot open the Optuna storage {mask_url(url)!r}: {reason}") from None
 
 
 @contextmanager

@@ -13,9 +13,13 @@ import sys
 import tempfile
 import time
 import warnings
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
-from urllib.parse import parse_qsl, urlencode, urlsplit, urlunsplit
+from urllib.parse import urlsplit
+
+from cliptune.storage import mask_url, retry_schema_races
 
 if TYPE_CHECKING:
     import optuna
@@ -23,7 +27,7 @@ if TYPE_CHECKING:
     from cliptune.config import ClipConfig
 
 LOCAL_UI = "http://127.0.0.1:5000"  # what a plain ``mlflow ui`` serves
-_SECRET_KEYS = ("password", "passwd", "pwd", "secret", "token", "api_key", "apikey")
+PARENT_ATTR = "cliptune.mlflow_parent_run_id"  # study user attribute: the job's parent run
 _END_STATUS = {"COMPLETE": "FINISHED", "PRUNED": "FINISHED", "FAIL": "FAILED"}
 _MAX_PARAM, _MAX_TAG = 6000, 8000  # MLflow's value length limits
 _MAX_METRICS, _MAX_PARAMS_TAGS = 1000, 100  # MLflow's per-batch limits
@@ -47,33 +51,6 @@ class Tracker:
 
     def finish(self, study: optuna.Study) -> None:
         """The job ended: record the best config and the summary."""
-
-
-def mask_url(url: str) -> str:
-    """``url`` with any password (in the user info or a query parameter) replaced by ``***``.
-
-    Example:
-        >>> mask_url("postgresql://me:s3cret@db:5432/optuna")
-        'postgresql://me:***@db:5432/optuna'
-    """
-    parts = urlsplit(url)
-    if parts.password is None and not any(k.lower() in _SECRET_KEYS for k, _ in parse_qsl(parts.query)):
-        return url  # untouched (urlunsplit would turn sqlite:///x into sqlite:/x)
-    netloc = parts.netloc
-    if parts.password is not None:
-        user_info, host = netloc.rsplit("@", 1)
-        netloc = f"{user_info.split(':', 1)[0]}:***@{host}"
-    pairs = parse_qsl(parts.query, keep_blank_values=True)
-    query = urlencode([(k, "***" if k.lower() in _SECRET_KEYS else v) for k, v in pairs], safe="*")
-    return urlunsplit(parts._replace(netloc=netloc, query=query))
-
-
-def storage_label(storage: object) -> str:
-    """What to log of an Optuna storage: its URL with the password masked, or its type."""
-    if storage is None:
-        return "in-memory"
-    url = storage if isinstance(storage, str) else getattr(storage, "url", None)
-    return mask_url(url) if isinstance(url, str) else type(storage).__name__
 
 
 def ui_url(tracking_uri: str) -> str:
@@ -158,13 +135,17 @@ class MlflowTracker(Tracker):
         from mlflow.entities import Param
 
         try:
-            self._connect()
-            name = study.study_name  # an in-memory study's is Optuna's "no-name-<uuid>"
-            name = f"cliptune-{job.get('model')}" if name.startswith("no-name-") else name
-            run = self.client.create_run(self.experiment_id, run_name=name, tags={
-                "cliptune.study": study.study_name, "cliptune.backend": str(job.get("backend"))})
-            self.parent_id = run.info.run_id
-            self._send(self.parent_id, params=[Param(k, _text(v, _MAX_PARAM)) for k, v in job.items()])
+            retry_schema_races(self._connect)  # workers may open a fresh store together
+            self.parent_id = self._shared_parent(study)
+            if self.parent_id is None:  # the study's first worker opens the job's parent run
+                name = study.study_name  # an in-memory study's is Optuna's "no-name-<uuid>"
+                name = f"cliptune-{job.get('model')}" if name.startswith("no-name-") else name
+                run = self.client.create_run(self.experiment_id, run_name=name, tags={
+                    "cliptune.study": study.study_name, "cliptune.backend": str(job.get("backend"))})
+                self.parent_id = run.info.run_id
+                study.set_user_attr(PARENT_ATTR, self.parent_id)
+                self._send(self.parent_id,
+                           params=[Param(k, _text(v, _MAX_PARAM)) for k, v in job.items()])
         except Exception as exc:
             raise ValueError(f"Cannot record the tuning job in MLflow at tracking URI "
                              f"{mask_url(self.tracking_uri)!r}: {type(exc).__name__}: {exc}. Check "
@@ -196,13 +177,27 @@ class MlflowTracker(Tracker):
                                  else f"sqlite:///{Path.cwd() / 'mlflow.db'}")
         if urlsplit(self.tracking_uri).scheme in ("http", "https"):
             _probe_server(self.tracking_uri)
-        self.client = mlflow.MlflowClient(tracking_uri=self.tracking_uri)
-        found = self.client.get_experiment_by_name(self.experiment)
+        with _sqlite_lock(self.tracking_uri):  # MLflow migrates a fresh store on first use
+            self.client = mlflow.MlflowClient(tracking_uri=self.tracking_uri)
+            found = self.client.get_experiment_by_name(self.experiment)
         if found is not None and found.lifecycle_stage == "deleted":
             raise RuntimeError(f"the experiment {self.experiment!r} is deleted; restore it "
                                "(mlflow experiments restore) or choose another name")
         self.experiment_id = (found.experiment_id if found is not None
                               else self.client.create_experiment(self.experiment))
+
+    def _shared_parent(self, study: optuna.Study) -> str | None:
+        """The parent run that another worker (or an earlier run of the job) opened, if usable here."""
+        run_id = study.user_attrs.get(PARENT_ATTR)
+        if run_id is None:
+            return None
+        try:
+            run = self.client.get_run(run_id)
+        except Exception:  # tracked in another store before: open a new parent here
+            return None
+        usable = (run.info.experiment_id == self.experiment_id
+                  and run.info.lifecycle_stage != "deleted")
+        return run_id if usable else None
 
     def _trial_started(self, trial: optuna.Trial, clip: ClipConfig, extras: dict[str, Any]) -> None:
         from mlflow.entities import Param
@@ -242,6 +237,7 @@ class MlflowTracker(Tracker):
     def _finish(self, study: optuna.Study) -> None:
         from mlflow.entities import Metric, Param, RunTag
 
+        from cliptune.report import write_report
         from cliptune.tuner import TuneResult
 
         result = TuneResult.from_study(study)
@@ -259,7 +255,7 @@ class MlflowTracker(Tracker):
                    params=[Param(k, _text(v, _MAX_PARAM)) for k, v in params.items() if v is not None],
                    tags=[RunTag(k, v) for k, v in tags.items()])
         with tempfile.TemporaryDirectory(prefix="cliptune-") as tmp:
-            write_artifacts(result, Path(tmp))
+            write_report(result, Path(tmp))
             self.client.log_artifacts(self.parent_id, tmp)
         self.client.set_terminated(self.parent_id, "FINISHED")
 
@@ -302,6 +298,25 @@ class MlflowTracker(Tracker):
               f"  this job:   {runs}/{self.parent_id}", file=sys.stderr)
 
 
+@contextmanager
+def _sqlite_lock(uri: str) -> Iterator[None]:
+    """Hold a file lock beside a sqlite store: processes that open a brand-new store together
+    would otherwise run MLflow's schema migrations at once and break each other's."""
+    if not uri.startswith("sqlite:///"):
+        yield
+        return
+    import fcntl
+
+    path = Path(uri.removeprefix("sqlite:///") + ".lock")
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with open(path, "a") as handle:
+        fcntl.flock(handle, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(handle, fcntl.LOCK_UN)
+
+
 def _probe_server(uri: str, timeout: float = 5.0) -> None:
     """Fail fast on an unreachable server (MLflow's own client retries for minutes)."""
     from urllib.error import HTTPError
@@ -314,23 +329,3 @@ def _probe_server(uri: str, timeout: float = 5.0) -> None:
         pass  # something answered: MLflow's own calls will tell what is wrong
     except OSError as exc:
         raise ConnectionError(f"no MLflow server answers at {uri} ({exc})") from None
-
-
-def write_artifacts(result: Any, folder: Path) -> list[Path]:
-    """The parent run's files: best_config.yaml, trials.csv, search_space.yaml and plots/*.png."""
-    import yaml
-
-    from cliptune.plots import write_plots
-
-    written = []
-    if result.best_config is not None:
-        path = folder / "best_config.yaml"
-        result.best_config.to_yaml(path, **result.best_extras)
-        written.append(path)
-    result.trials_dataframe().to_csv(folder / "trials.csv", index=False)
-    written.append(folder / "trials.csv")
-    space = result.study.user_attrs.get("cliptune.search_space")
-    if space is not None:
-        (folder / "search_space.yaml").write_text(yaml.safe_dump(space, sort_keys=False))
-        written.append(folder / "search_space.yaml")
-    return written + write_plots(result.study, folder / "plots")

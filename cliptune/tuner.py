@@ -20,8 +20,8 @@ from cliptune.parallel import run_workers, threads_per_worker
 from cliptune.runner import SURPLUS_ATTR, TrialRunner
 from cliptune.space import SearchSpace, config_from_params
 from cliptune.stability import StabilityPruner
-from cliptune.storage import Heartbeat, open_storage
-from cliptune.tracking import Tracker, make_tracker, storage_label
+from cliptune.storage import Heartbeat, open_storage, storage_label
+from cliptune.tracking import Tracker, make_tracker
 
 if TYPE_CHECKING:
     import pandas as pd
@@ -240,14 +240,16 @@ def tune(
                          objective, job_tracker, n_trials, heartbeat if storage is not None else None)
     job_tracker.start(study, job)
     progress = sys.stderr.isatty() if show_progress is None else show_progress
-    if n_jobs > 1:
-        worker_kwargs = {**_worker_kwargs(locals()), "storage": opened,
-                         "study_name": study.study_name}
-        run_workers(n_jobs, worker_kwargs,
-                    lambda: runner.run(study, timeout, progress, callbacks or ()))
-    else:
-        runner.run(study, timeout, progress and not _worker_index, callbacks or ())
-    job_tracker.finish(study)
+    try:
+        if n_jobs > 1:
+            worker_kwargs = {**_worker_kwargs(locals()), "storage": opened,
+                             "study_name": study.study_name}
+            run_workers(n_jobs, worker_kwargs,
+                        lambda: runner.run(study, timeout, progress, callbacks or ()))
+        else:
+            runner.run(study, timeout, progress and not _worker_index, callbacks or ())
+    finally:  # interrupted too: the parent run gets the best so far and is closed
+        job_tracker.finish(study)
     runner.raise_if_all_failed()
     return TuneResult.from_study(study)
 

@@ -195,6 +195,34 @@ def test_a_killed_cli_job_is_finished_by_running_it_again(tmp_path: Path) -> Non
     assert "best of study 'resumable'" in again.stdout
 
 
+def _start_tracker(uri: str, barrier: Any, queue: Any) -> None:
+    from cliptune.tracking import MlflowTracker
+
+    try:
+        barrier.wait(timeout=60)
+        study = optuna.create_study()
+        MlflowTracker(uri, "race").start(study, {"model": "m"})
+        queue.put("ok")
+    except Exception as exc:  # reported to the test, which fails on it
+        queue.put(f"{type(exc).__name__}: {exc}")
+
+
+def test_workers_starting_together_on_a_fresh_mlflow_store_all_survive(tmp_path: Path) -> None:
+    import multiprocessing as mp
+
+    ctx = mp.get_context("fork")
+    for round_ in range(2):
+        uri = f"sqlite:///{tmp_path / f'mlflow{round_}.db'}"
+        barrier, queue = ctx.Barrier(3), ctx.Queue()
+        procs = [ctx.Process(target=_start_tracker, args=(uri, barrier, queue)) for _ in range(3)]
+        for proc in procs:
+            proc.start()
+        results = [queue.get(timeout=180) for _ in procs]
+        for proc in procs:
+            proc.join(timeout=30)
+        assert results == ["ok"] * 3
+
+
 def test_unreachable_database_is_one_clear_error_with_exit_2(tmp_path: Path) -> None:
     job = tmp_path / "job.yaml"
     job.write_text("model: tests.test_parallel:quick_model\ndata: tests.conftest:regression_data\n"

@@ -18,7 +18,8 @@ import pytest
 import cliptune
 from cliptune.config import ClipConfig
 from cliptune.plots import write_plots
-from cliptune.tracking import MlflowTracker, Tracker, mask_url
+from cliptune.storage import mask_url
+from cliptune.tracking import MlflowTracker, Tracker
 from tests.conftest import regression_data
 
 torch = pytest.importorskip("torch")
