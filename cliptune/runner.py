@@ -76,9 +76,10 @@ class TrialRunner:
         self._reached = False
 
     def __call__(self, trial: optuna.Trial) -> float:
-        earlier = trial.study.get_trials(deepcopy=False)
-        if counts_toward_total([t for t in earlier if t.number < trial.number]) >= self.total \
-                and not _retry_history(trial):  # type: ignore[arg-type]
+        trials = trial.study.get_trials(deepcopy=False)
+        this = next(t for t in trials if t.number == trial.number)
+        if counts_toward_total([t for t in trials if t.number < trial.number]) >= self.total \
+                and not _retry_history(this):  # a retry takes its dead trial's place
             trial.set_user_attr(SURPLUS_ATTR, True)
             raise SurplusTrial(f"trial {trial.number} is beyond the study's total of {self.total}")
         self.n_ran += 1

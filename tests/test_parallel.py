@@ -113,6 +113,13 @@ def _load(url: str, name: str) -> optuna.Study:
     return optuna.load_study(study_name=name, storage=open_storage(url, None))
 
 
+def _killed_trial(url: str, name: str) -> int:
+    """The trial a just-killed worker left RUNNING (read after the kill: a poll can be stale)."""
+    running = _load(url, name).get_trials(states=(optuna.trial.TrialState.RUNNING,))
+    assert len(running) == 1, [t.number for t in running]
+    return running[0].number
+
+
 def _wait_for_running(url: str, name: str, timeout: float = 120.0) -> int:
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
@@ -133,9 +140,10 @@ def _kill_then_finish(url: str, tmp_path: Path) -> None:
     script.write_text(_WORKER.format(root=str(ROOT), n=5, url=url))
     worker = subprocess.Popen([sys.executable, str(script)], stderr=subprocess.DEVNULL)
     try:
-        killed = _wait_for_running(url, "kill")
+        _wait_for_running(url, "kill")
         os.kill(worker.pid, signal.SIGKILL)
         worker.wait(timeout=30)
+        killed = _killed_trial(url, "kill")
         done_before = [t.number for t in _load(url, "kill").trials
                        if t.state == optuna.trial.TrialState.COMPLETE]
         cliptune.tune(slow_model, **_kwargs(n_trials=5, storage=url, study_name="kill",
@@ -181,9 +189,10 @@ def test_a_killed_cli_job_is_finished_by_running_it_again(tmp_path: Path) -> Non
     first = subprocess.Popen(command, cwd=tmp_path, env=env, stdout=subprocess.DEVNULL,
                              stderr=subprocess.DEVNULL)
     try:
-        killed = _wait_for_running(url, "resumable")
+        _wait_for_running(url, "resumable")
         first.send_signal(signal.SIGKILL)
         first.wait(timeout=30)
+        killed = _killed_trial(url, "resumable")
     finally:
         first.kill()
     again = subprocess.run(command, cwd=tmp_path, env=env, capture_output=True, text=True,
