@@ -9,6 +9,7 @@ import yaml
 
 from cliptune.config import ClipConfig, ClipMode
 from cliptune.jobs import JobSpec
+from cliptune.probe import PROBE_ATTR, describe
 
 if TYPE_CHECKING:
     from cliptune.tuner import TuneResult
@@ -69,13 +70,17 @@ def best_document(result: TuneResult, spec: JobSpec | None) -> dict[str, Any]:
 def best_text(result: TuneResult, spec: JobSpec | None, fmt: str = "yaml") -> str:
     """YAML that ``ClipConfig.from_yaml`` reads back (one-liners as comments), or JSON."""
     document, lines = best_document(result, spec), _one_liners(result, spec)
+    probe = result.study.user_attrs.get(PROBE_ATTR)
     if fmt == "json":
-        return json.dumps({**document, "apply": lines}, indent=2)
+        return json.dumps({**document, "apply": lines, **({"probe": probe} if probe else {})},
+                          indent=2)
     header = (f"# best of study {document['study']!r}: trial {document['trial']}, "
               f"value {document['value']:.6g} ({counts_line(result)})")
     clip_part = {k: {key: _short(v) for key, v in document[k].items()}
                  for k in ("clip", "extras") if k in document}
     body = yaml.safe_dump(clip_part, sort_keys=False).rstrip()
+    if probe:
+        header += f"\n# auto threshold ranges: {describe(probe)}"
     return "\n".join([header, body, f"# torch: {lines['torch'].removeprefix('# ')}",
                       f"# keras: {lines['keras']}"])
 

@@ -15,6 +15,9 @@ A job file (every key but ``model`` and ``data`` is optional)::
     study: {name: adding-rnn, storage: null} # null: sqlite:///mlruns/cliptune-optuna.db (resumable)
                                              # heartbeat: {interval: 10, grace_period: 30} seconds
     tracking: {uri: null, experiment: adding-rnn, enabled: true}
+    refit: false                             # true: train the best config on all the data and
+                                             # log the model to the MLflow parent run
+    probe_steps: 200                         # most steps of the probe for `threshold: auto`
 
 Every problem is a :class:`JobError` of one line naming the file and the key.
 """
@@ -101,6 +104,8 @@ class JobSpec(_Section):
     device: str = "cpu"
     study: StudySpec = StudySpec()
     tracking: TrackingSpec = TrackingSpec()
+    refit: bool = False
+    probe_steps: PositiveInt = 200
 
 
 def _fields_at(loc: tuple[Any, ...]) -> list[str]:
@@ -305,7 +310,7 @@ class Job:
                     timeout=spec.timeout, seed=spec.seed, metric=spec.metric,
                     direction=spec.direction, objective=spec.objective,
                     val_fraction=spec.val_fraction, device=spec.device,
-                    study_name=self.study_name)
+                    study_name=self.study_name, refit=spec.refit, probe_steps=spec.probe_steps)
 
 
 __all__ = ["DEFAULT_STORAGE", "Job", "JobError", "JobSpec", "import_reference", "load_study",

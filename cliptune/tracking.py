@@ -8,6 +8,7 @@ sends values in batches: a run's metrics, params and tags go out in one ``log_ba
 
 from __future__ import annotations
 
+import contextlib
 import math
 import sys
 import tempfile
@@ -48,6 +49,10 @@ class Tracker:
     def trial_finished(self, trial_number: int, state: str, value: float | None = None,
                        reason: str | None = None, error: str | None = None) -> None:
         """A trial ended COMPLETE, PRUNED (with its reason) or FAIL (with its error)."""
+
+    def model_refit(self, model: Any, framework: str, sample: Any, output: Any,
+                    tags: dict[str, str]) -> None:
+        """The best config was refit (``tune(refit=True)``): keep the model with its signature."""
 
     def finish(self, study: optuna.Study) -> None:
         """The job ended: record the best config and the summary."""
@@ -163,6 +168,10 @@ class MlflowTracker(Tracker):
                        reason: str | None = None, error: str | None = None) -> None:
         self._guard(self._trial_finished, trial_number, state, value, reason, error)
 
+    def model_refit(self, model: Any, framework: str, sample: Any, output: Any,
+                    tags: dict[str, str]) -> None:
+        self._guard(self._model_refit, model, framework, sample, output, tags)
+
     def finish(self, study: optuna.Study) -> None:
         if self.parent_id is not None and self._guard(self._finish, study):
             self._print_links("the tuning job is recorded in")
@@ -233,6 +242,38 @@ class MlflowTracker(Tracker):
         self._send(run.run_id, metrics=metrics, params=run.params, tags=[
             RunTag(k, _text(v, _MAX_TAG)) for k, v in tags.items() if v is not None])
         self.client.set_terminated(run.run_id, _END_STATUS[state])
+
+    def _model_refit(self, model: Any, framework: str, sample: Any, output: Any,
+                     tags: dict[str, str]) -> None:
+        """``mlflow.pytorch``/``mlflow.keras.log_model`` into the parent run (the fluent API needs
+        it active; MLflow's own context restores the global tracking URI afterwards)."""
+        import importlib
+        import importlib.metadata
+
+        import mlflow
+        from mlflow.entities import RunTag
+        from mlflow.models import infer_signature
+        from mlflow.tracking._tracking_service.utils import _use_tracking_uri
+
+        name, packages, extra = {  # pickle: any module loads back, no example input needed
+            "torch": ("pytorch", [("torch",)], {"serialization_format": "pickle"}),
+            "keras": ("keras", [("keras",), ("tensorflow", "tensorflow-cpu")], {})}[framework]
+        flavor = importlib.import_module(f"mlflow.{name}")
+        pins = []  # pinned here, so MLflow does not infer them in a slow subprocess
+        for candidates in packages:
+            for dist in candidates:
+                with contextlib.suppress(importlib.metadata.PackageNotFoundError):
+                    pins.append(f"{dist}=={importlib.metadata.version(dist)}")
+                    break
+        signature = None if sample is None else infer_signature(sample, output)
+        with _use_tracking_uri(self.tracking_uri), mlflow.start_run(
+                run_id=self.parent_id, nested=mlflow.active_run() is not None):
+            info = flavor.log_model(model, name="model", signature=signature, pip_requirements=pins,
+                                    **extra)
+        self._send(self.parent_id, tags=[RunTag(k, v) for k, v in
+                                         {**tags, "cliptune.model_uri": info.model_uri}.items()])
+        print(f"cliptune: the refit model is logged as {info.model_uri} (load it with "
+              f"mlflow.{name}.load_model)", file=sys.stderr)
 
     def _finish(self, study: optuna.Study) -> None:
         from mlflow.entities import Metric, Param, RunTag

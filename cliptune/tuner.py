@@ -17,6 +17,8 @@ from cliptune.backends import TrainSettings, framework_of, get_backend
 from cliptune.config import ClipConfig
 from cliptune.data import make_splits
 from cliptune.parallel import run_workers, threads_per_worker
+from cliptune.probe import job_params, resolve_auto
+from cliptune.refit import refit_best
 from cliptune.runner import SURPLUS_ATTR, TrialRunner
 from cliptune.space import SearchSpace, config_from_params
 from cliptune.stability import StabilityPruner
@@ -144,6 +146,8 @@ def tune(
     callbacks: list[Callable[[optuna.Study, optuna.trial.FrozenTrial], None]] | None = None,
     n_jobs: int = 1,
     heartbeat: Heartbeat | None = Heartbeat(),
+    refit: bool = False,
+    probe_steps: int = 200,
     _worker_index: int = 0,
 ) -> TuneResult:
     """Search the gradient-clipping mode and threshold (and any extras) for a model.
@@ -183,6 +187,10 @@ def tune(
         heartbeat: With a storage URL, how often running trials say they are alive, and how long
             silence means their worker died (their trial is then failed and retried). ``None``
             turns heartbeats off.
+        refit: Then train the best config on train plus validation data (see
+            :mod:`cliptune.refit`), return it as ``result.model`` and log it to the MLflow run.
+        probe_steps: Most steps of the probe that sets ``threshold: auto`` ranges (at most one
+            epoch; see :mod:`cliptune.probe`).
 
     Returns:
         A :class:`TuneResult`.
@@ -204,6 +212,9 @@ def tune(
     if seed is not None and (isinstance(seed, bool) or not isinstance(seed, int)):
         raise TypeError(f"The 'seed' parameter of tune must be an int or None. Got {seed!r} instead.")
     check_positive_int(n_jobs, "n_jobs")
+    check_positive_int(probe_steps, "probe_steps")
+    if not isinstance(refit, bool):
+        raise TypeError(f"The 'refit' parameter of tune must be a bool. Got {refit!r} instead.")
     if heartbeat is not None and not isinstance(heartbeat, Heartbeat):
         raise TypeError("The 'heartbeat' parameter of tune must be a cliptune Heartbeat or None. "
                         f"Got {type(heartbeat).__name__} instead.")
@@ -227,6 +238,8 @@ def tune(
         storage=opened, sampler=sampler or _default_sampler(worker_seed), pruner=stability_pruner,
         study_name=study_name or (f"cliptune-{_model_name(model_fn)}" if storage else None),
         direction=direction, load_if_exists=True)
+    space, probe_info = resolve_auto(space, study, backend, model_fn, splits, settings,
+                                     probe_steps, quiet=bool(_worker_index))
     if not _worker_index:
         study.set_user_attr("cliptune.search_space", space.to_dict())
         study.set_user_attr("cliptune.backend", framework)
@@ -235,7 +248,7 @@ def tune(
            "search_space": space.name, "n_trials": n_trials, "seed": seed,
            "sampler": type(study.sampler).__name__,
            "pruner": type(stability_pruner.pruner).__name__, "storage": storage_label(storage),
-           "n_jobs": n_jobs}
+           "n_jobs": n_jobs, "refit": refit, **job_params(probe_info)}
     runner = TrialRunner(backend, model_fn, splits, space, settings, stability_pruner, metric,
                          objective, job_tracker, n_trials, heartbeat if storage is not None else None)
     job_tracker.start(study, job)
@@ -248,10 +261,14 @@ def tune(
                         lambda: runner.run(study, timeout, progress, callbacks or ()))
         else:
             runner.run(study, timeout, progress and not _worker_index, callbacks or ())
+        model = refit_best(study, backend, model_fn, splits, settings, stability_pruner.rules,
+                           job_tracker) if refit and not _worker_index else None
     finally:  # interrupted too: the parent run gets the best so far and is closed
         job_tracker.finish(study)
     runner.raise_if_all_failed()
-    return TuneResult.from_study(study)
+    result = TuneResult.from_study(study)
+    result.model = model
+    return result
 
 
 _TUNE_ARGS = tuple(inspect.signature(tune).parameters)
@@ -260,7 +277,7 @@ _TUNE_ARGS = tuple(inspect.signature(tune).parameters)
 def _worker_kwargs(scope: dict[str, Any]) -> dict[str, Any]:
     """tune()'s own arguments, for a worker process (which checks nothing twice and shows no bar)."""
     kwargs = {name: scope[name] for name in _TUNE_ARGS if name != "_worker_index"}
-    kwargs.update(n_jobs=1, show_progress=False, callbacks=None)
+    kwargs.update(n_jobs=1, show_progress=False, callbacks=None, refit=False)
     return kwargs
 
 
@@ -274,4 +291,6 @@ def _tune_in_memory_by_workers(scope: dict[str, Any]) -> TuneResult:
         optuna.copy_study(from_study_name=name, from_storage=result.study._storage,
                           to_storage=memory)
         study = optuna.load_study(study_name=name, storage=memory)
-    return TuneResult.from_study(study)
+    out = TuneResult.from_study(study)
+    out.model = result.model
+    return out

@@ -44,6 +44,17 @@ class Backend(Protocol):
         Returns the trained model.
         """
 
+    def probe(self, model_fn: Callable[..., Any], extras: dict[str, Any], splits: Splits,
+              settings: TrainSettings, max_steps: int) -> dict[str, Any]:
+        """Train without clipping for one epoch or ``max_steps`` steps, stopping at a non-finite
+        value; per step the loss, global norm, per-tensor norms, largest |g| (see ``_probe``)."""
+
+    def predict(self, model: Any, X: Any) -> Any:
+        """The model's outputs for the rows ``X``, as a numpy array."""
+
+    def sample_inputs(self, data: Any, n: int = 5) -> Any:
+        """A few input rows of a split as a numpy array (for a model signature), or None."""
+
 
 _BACKENDS = {"torch": "cliptune.backends._torch", "keras": "cliptune.backends._keras"}
 

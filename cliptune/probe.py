@@ -1,0 +1,148 @@
+"""``threshold: auto``: size each mode's threshold range from a short probe of the gradients.
+
+Before the study, when some mode of the search space says ``threshold: auto``, the backend trains a
+fresh model without clipping for one epoch or at most ``probe_steps`` steps (stopping at the first
+non-finite loss or gradient) and records, per step, the pre-clip global gradient norm, each
+parameter tensor's gradient norm and the largest absolute gradient element. The ranges (log scale)
+then follow these rules, on means over the probe's finite steps:
+
+- ``global_norm``: [0.5 x, 10 x] the mean global norm. Pascanu et al. (2013) advise a threshold
+  between about half and ten times the average gradient norm.
+- ``norm``: [0.5 x the mean per-tensor norm, 10 x the mean of each step's largest per-tensor norm].
+  The same factors on the quantity this mode clips: at the low end a typical tensor is scaled down
+  every step, at the high end even the largest tensor is almost never touched.
+- ``value``: [0.1 x, 10 x] the mean of each step's largest absolute element. The largest element
+  is an extreme of many, and the bulk of the elements sits well below it, so the low end reaches a
+  decade down (clamping a real share of the large elements); the high end hardly ever clips.
+
+The ranges and the probe's statistics and cost are stored in the study's user attribute
+``cliptune.probe``; a resumed study (or another worker) reuses them and never probes again, so the
+search space does not change under a running study.
+"""
+
+from __future__ import annotations
+
+import statistics
+import sys
+import time
+import warnings
+from collections.abc import Callable
+from typing import Any
+
+from cliptune.config import ClipMode
+from cliptune.space import ParamRange, SearchSpace
+
+PROBE_ATTR = "cliptune.probe"
+FACTORS: dict[ClipMode, tuple[float, float]] = {
+    ClipMode.GLOBAL_NORM: (0.5, 10.0),
+    ClipMode.NORM: (0.5, 10.0),
+    ClipMode.VALUE: (0.1, 10.0),
+}
+RULE = ("global_norm: [0.5, 10] x mean global norm; norm: [0.5 x mean tensor norm, "
+        "10 x mean largest tensor norm]; value: [0.1, 10] x mean largest |g|")
+
+
+def summarize(record: dict[str, Any]) -> dict[str, float]:
+    """Means over a probe record's steps (see :mod:`cliptune.backends._probe`)."""
+    norms = record["tensor_norms"]
+    return {
+        "global_norm_mean": statistics.fmean(record["global_norm"]),
+        "global_norm_max": max(record["global_norm"]),
+        "tensor_norm_mean": statistics.fmean(n for step in norms for n in step),
+        "tensor_norm_max_mean": statistics.fmean(max(step) for step in norms),
+        "max_abs_mean": statistics.fmean(record["max_abs"]),
+    }
+
+
+def auto_ranges(stats: dict[str, float], modes: list[ClipMode]) -> dict[ClipMode, ParamRange]:
+    """Each mode's threshold range from the probe's statistics, by the module's rules."""
+    bases = {
+        ClipMode.GLOBAL_NORM: (stats["global_norm_mean"], stats["global_norm_mean"]),
+        ClipMode.NORM: (stats["tensor_norm_mean"], stats["tensor_norm_max_mean"]),
+        ClipMode.VALUE: (stats["max_abs_mean"], stats["max_abs_mean"]),
+    }
+    ranges = {}
+    for mode in modes:
+        (low_f, high_f), (low_b, high_b) = FACTORS[mode], bases[mode]
+        if not low_b > 0:
+            raise ValueError("The probe for 'threshold: auto' saw only zero gradients, so there is "
+                             f"no scale to size mode {mode.value!r} from; give it an explicit "
+                             "range {low: ..., high: ...}.")
+        ranges[mode] = ParamRange(low_f * low_b, high_f * high_b, log=True)
+    return ranges
+
+
+def _recorded(space: SearchSpace, info: dict[str, Any], study_name: str) -> dict[ClipMode, ParamRange]:
+    missing = [m.value for m in space.auto_modes if m.value not in info["ranges"]]
+    if missing:
+        raise ValueError(f"Study {study_name!r} was probed for the auto modes "
+                         f"{sorted(info['ranges'])}, but the search space now also asks 'auto' for "
+                         f"{missing}; the search space of a running study cannot change. Use a "
+                         "new study name.")
+    return {m: ParamRange(*info["ranges"][m.value], log=True) for m in space.auto_modes}
+
+
+def run_probe(space: SearchSpace, probe: Callable[..., dict[str, Any]], extras: dict[str, Any],
+              max_steps: int) -> tuple[dict[ClipMode, ParamRange], dict[str, Any]]:
+    """Call a backend's ``probe`` and turn its record into ranges and a JSON-able summary."""
+    start = time.perf_counter()
+    record = probe(extras=extras, max_steps=max_steps)
+    seconds = time.perf_counter() - start
+    steps = len(record["loss"])
+    if not steps:
+        raise ValueError("The probe for 'threshold: auto' went non-finite at its first step, "
+                         "without clipping. Lower the learning rate, or give the auto modes "
+                         "explicit ranges {low: ..., high: ...}.")
+    if record["stopped"] == "nonfinite":
+        warnings.warn(f"The probe for 'threshold: auto' went non-finite at step {steps + 1}; the "
+                      f"auto ranges come from its first {steps} steps.", RuntimeWarning,
+                      stacklevel=3)
+    stats = summarize(record)
+    ranges = auto_ranges(stats, space.auto_modes)
+    info = {"steps": steps, "seconds": round(seconds, 4), "stopped": record["stopped"], **stats,
+            "ranges": {m.value: [r.low, r.high] for m, r in ranges.items()}, "rule": RULE}
+    return ranges, info
+
+
+def resolve_auto(space: SearchSpace, study: Any, backend: Any, model_fn: Callable[..., Any],
+                 splits: Any, settings: Any, max_steps: int,
+                 quiet: bool = False) -> tuple[SearchSpace, dict[str, Any] | None]:
+    """The space with its ``auto`` ranges set: from the study's record, else from a new probe."""
+    if not space.auto_modes:
+        return space, None
+    info = study.user_attrs.get(PROBE_ATTR)
+    if info is not None:
+        ranges = _recorded(space, info, study.study_name)
+        how = "recorded by the study's probe"
+    else:
+        def probe(**kw: Any) -> dict[str, Any]:
+            return backend.probe(model_fn, splits=splits, settings=settings, **kw)
+
+        ranges, info = run_probe(space, probe, space.default_extras(), max_steps)
+        study.set_user_attr(PROBE_ATTR, info)
+        how = "from a probe"
+    if not quiet:
+        print(f"cliptune: auto threshold ranges {how}: {describe(info)}", file=sys.stderr)
+    return space.with_ranges(ranges), info
+
+
+def describe(info: dict[str, Any]) -> str:
+    """One line: the resolved ranges and what the probe saw and cost."""
+    ranges = ", ".join(f"{mode} [{low:.3g}, {high:.3g}]" for mode, (low, high)
+                       in info["ranges"].items())
+    return (f"{ranges} (probe without clipping: {info['steps']} steps in {info['seconds']:.2f} s, "
+            f"stopped at {info['stopped']}; mean global norm {info['global_norm_mean']:.4g})")
+
+
+def job_params(info: dict[str, Any] | None) -> dict[str, Any]:
+    """The probe as parameters of the tuning job (MLflow parent-run params)."""
+    if info is None:
+        return {}
+    out: dict[str, Any] = {"probe_steps": info["steps"], "probe_seconds": info["seconds"],
+                           "probe_stopped": info["stopped"],
+                           "probe_global_norm_mean": info["global_norm_mean"],
+                           "probe_tensor_norm_mean": info["tensor_norm_mean"],
+                           "probe_max_abs_mean": info["max_abs_mean"]}
+    out.update({f"auto_range_{mode}": f"[{low:.6g}, {high:.6g}]"
+                for mode, (low, high) in info["ranges"].items()})
+    return out

@@ -1,0 +1,95 @@
+"""cliptune.sklearn: scikit-learn's estimator checks, cross_val_score, a Pipeline, params, seeds."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from typing import Any
+
+import numpy as np
+import pytest
+
+pytest.importorskip("torch")
+from sklearn.base import clone  # noqa: E402
+from sklearn.datasets import make_classification  # noqa: E402
+from sklearn.model_selection import cross_val_score  # noqa: E402
+from sklearn.pipeline import make_pipeline  # noqa: E402
+from sklearn.preprocessing import StandardScaler  # noqa: E402
+from sklearn.utils.estimator_checks import parametrize_with_checks  # noqa: E402
+
+from cliptune import ClipConfig  # noqa: E402
+from cliptune.sklearn import ClipTunedClassifier, ClipTunedRegressor  # noqa: E402
+from tests.conftest import regression_data  # noqa: E402
+
+FAST: dict[str, Any] = {"n_trials": 1, "epochs": 5, "lr": 0.05, "random_state": 0}
+
+# Why one of scikit-learn's checks is expected to fail (it runs, and is reported xfail).
+EXPECTED_FAILURES = {
+    "check_methods_subset_invariance": "float32 torch matmuls round differently for different "
+    "batch sizes (about 1e-7 relative), above the check's atol=1e-7; the classifier's argmax is "
+    "immune",
+}
+
+
+def expected_failed_checks(estimator: Any) -> dict[str, str]:
+    return EXPECTED_FAILURES if isinstance(estimator, ClipTunedRegressor) else {}
+
+
+@parametrize_with_checks([ClipTunedRegressor(**FAST), ClipTunedClassifier(**FAST)],
+                         expected_failed_checks=expected_failed_checks)
+def test_sklearn_estimator_checks(estimator: Any, check: Any) -> None:
+    check(estimator)
+
+
+def test_fit_tunes_refits_and_scores_in_a_pipeline() -> None:
+    X, y = regression_data(n=200)
+    model = make_pipeline(StandardScaler(), ClipTunedRegressor(n_trials=2, epochs=10,
+                                                               lr=0.05, random_state=0))
+    assert model.fit(X, y.ravel()).score(X, y.ravel()) > 0.9
+    regressor = model[-1]
+    assert isinstance(regressor.best_config_, ClipConfig) and regressor.n_features_in_ == 4
+    assert len(regressor.trials_) == 2 and regressor.predict(X[:3]).shape == (3,)
+    again = make_pipeline(StandardScaler(), ClipTunedRegressor(n_trials=2, epochs=10, lr=0.05,
+                                                               random_state=0)).fit(X, y.ravel())
+    np.testing.assert_array_equal(again.predict(X), model.predict(X))  # seeded by random_state
+
+
+def test_classifier_in_cross_val_score_with_string_labels() -> None:
+    X, y = make_classification(n_samples=150, n_features=5, n_informative=3, n_classes=3,
+                               random_state=0)
+    labels = np.array(["a", "b", "c"])[y]
+    clf = ClipTunedClassifier(n_trials=1, epochs=8, lr=0.05, random_state=0)
+    scores = cross_val_score(make_pipeline(StandardScaler(), clf), X, labels, cv=3)
+    assert scores.shape == (3,) and scores.mean() > 0.6
+    fitted = clone(clf).fit(X, labels)
+    proba = fitted.predict_proba(X[:4])
+    assert proba.shape == (4, 3) and np.allclose(proba.sum(axis=1), 1.0)
+    assert list(fitted.classes_) == ["a", "b", "c"]
+    assert set(fitted.predict(X)) <= {"a", "b", "c"}
+
+
+def test_params_and_a_custom_model_fn() -> None:
+    from torch import nn
+
+    built: list[tuple[int, int]] = []
+
+    def model_fn(n_features: int, n_outputs: int) -> nn.Module:
+        built.append((n_features, n_outputs))
+        return nn.Linear(n_features, n_outputs)
+
+    reg = ClipTunedRegressor(model_fn, n_trials=1, epochs=2, search_space="auto")
+    assert reg.get_params()["model_fn"] is model_fn and reg.get_params()["search_space"] == "auto"
+    assert reg.set_params(epochs=3, random_state=1).epochs == 3
+    X, y = regression_data(n=64)
+    reg.fit(X, np.hstack([y, 2 * y]))  # two targets: two outputs
+    assert set(built) == {(4, 2)} and reg.predict(X).shape == (64, 2)
+    with pytest.raises(TypeError, match="'model_fn' parameter of ClipTunedRegressor must be a "
+                                        "callable .* Got int instead"):
+        ClipTunedRegressor(3).fit(X, y)
+
+
+def test_import_cliptune_does_not_load_sklearn_estimators() -> None:
+    code = ("import sys, cliptune; print(sorted(m for m in sys.modules if m in "
+            "('cliptune.sklearn', 'sklearn.base', 'torch')))")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == "[]"
