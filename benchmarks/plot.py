@@ -30,7 +30,8 @@ SECTIONS = [  # (result name, columns shown), in the order of ``python -m benchm
                          "complete", "pruned", "failed", "prune_reasons", "seconds"]),
     ("search_quality", ["task", "tune_best", "grid_best", "best_default", "no_clip", "tune_vs_grid",
                         "tune_vs_best_default", "chosen_tune_vs_grid", "tune_steps", "grid_steps",
-                        "defaults_steps"]),
+                        "defaults_steps", "adaptive_tune_best", "adaptive_vs_tune",
+                        "chosen_adaptive_vs_tune", "adaptive_default_vs_fixed", "adaptive_chosen"]),
 ]
 NOTES: dict[str, str] = {}  # section name (or "summary") -> Markdown, set after a run
 

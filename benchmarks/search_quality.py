@@ -20,6 +20,13 @@ initialisation), so the grid's best over 25 draws is luckier than tune()'s over 
 on 3 fresh training seeds (same split) and their mean losses compared. Those re-runs are not
 counted in the steps.
 
+Adaptive modes (issue 8), on the same tasks and seeds: ``tune()`` over ``adaptive.yaml`` (the fixed
+modes plus autoclip, agc, zclip), 20 trials, and the adaptive modes' usual settings (autoclip p=10,
+agc lambda=0.01, zclip z=2.5) trained fully. ``adaptive_vs_tune`` is its best over tune()'s with
+the default space, ``chosen_adaptive_vs_tune`` the same for the chosen configs re-trained on the 3
+fresh seeds, ``adaptive_default_vs_fixed`` the best adaptive setting over the best fixed default,
+and ``adaptive_chosen`` the seeds whose best trial used an adaptive mode (below 1 is a win).
+
     python -m benchmarks search_quality
 """
 
@@ -39,6 +46,11 @@ RETRAIN = 3  # fresh training seeds on which the configs chosen by tune and by t
 SEEDS = (0, 1, 2)
 DEFAULTS = {"no clip": ("none", None), "global_norm 1.0": ("global_norm", 1.0),
             "value 1.0": ("value", 1.0), "norm 1.0": ("norm", 1.0)}
+ADAPTIVE_DEFAULTS = {"autoclip 10": ("autoclip", 10.0), "agc 0.01": ("agc", 0.01),
+                     "zclip 2.5": ("zclip", 2.5)}
+ADAPTIVE_COLUMNS = ["adaptive_tune_best", "adaptive_vs_tune", "chosen_adaptive_vs_tune",
+                    "adaptive_default_vs_fixed", "adaptive_chosen"]
+
 
 
 def grid_configs(n: int = 8) -> list[Any]:
@@ -110,6 +122,32 @@ def one_seed(task: Task, seed: int, n_trials: int, grid: list[Any]) -> dict[str,
             "grid_steps": grid_steps[0], "defaults_steps": default_steps[0], "tune_seconds": tune_s}
 
 
+def adaptive_seed(task: Task, seed: int, n_trials: int, base: dict[str, Any]) -> dict[str, Any]:
+    """tune() over adaptive.yaml and the adaptive defaults, against ``base`` (one_seed's row)."""
+    import cliptune
+    from cliptune import ClipConfig
+
+    kwargs = {**task.tune_kwargs(), "search_space": "adaptive"}
+    with counting(task) as steps:
+        result = cliptune.tune(task.counted_model_fn(), task.data, **kwargs, n_trials=n_trials,
+                               seed=seed, tracking=False, show_progress=False)
+    defaults = {name: train_fully(task, ClipConfig(mode, t), seed)  # type: ignore[arg-type]
+                for name, (mode, t) in ADAPTIVE_DEFAULTS.items()}
+    best_default = min(defaults, key=defaults.__getitem__)
+    best = result.best_value if result.best_value is not None else math.inf
+    chosen = result.best_config
+    retrained = (float(np.mean([train_fully(task, chosen, seed, 1000 + k) for k in range(RETRAIN)]))
+                 if chosen is not None else math.inf)
+    return {"adaptive_tune_best": best, "adaptive_tune_config": str(chosen),
+            "adaptive_is_adaptive": bool(chosen is not None and chosen.mode.adaptive),
+            "adaptive_vs_tune": best / base["tune_best"],
+            "chosen_adaptive_vs_tune": retrained / base["tune_chosen_retrained"],
+            "best_adaptive_default": defaults[best_default],
+            "best_adaptive_default_name": best_default,
+            "adaptive_default_vs_fixed": defaults[best_default] / base["best_default"],
+            "adaptive_steps": steps[0], **{f"default {k}": v for k, v in defaults.items()}}
+
+
 def run(n_trials: int = N_TRIALS, seeds: tuple[int, ...] = SEEDS,
         tasks: tuple[str, ...] = tuple(TASKS), grid_points: int = 8,
         out_dir: Any = None) -> dict[str, Any]:
@@ -120,6 +158,8 @@ def run(n_trials: int = N_TRIALS, seeds: tuple[int, ...] = SEEDS,
     for name in tasks:
         task = TASKS[name]()
         found = [one_seed(task, seed, n_trials, grid) for seed in seeds]
+        for r in found:
+            r.update(adaptive_seed(task, r["seed"], n_trials, r))
         per_seed += found
         rows.append({
             "task": name,
@@ -134,6 +174,8 @@ def run(n_trials: int = N_TRIALS, seeds: tuple[int, ...] = SEEDS,
             "grid_steps": median([r["grid_steps"] for r in found]),
             "defaults_steps": median([r["defaults_steps"] for r in found]),
             "grid_configs": len(grid),
+            **{key: median([r[key] for r in found]) for key in ADAPTIVE_COLUMNS[:-1]},
+            "adaptive_chosen": f"{sum(r['adaptive_is_adaptive'] for r in found)}/{len(found)}",
         })
     worst_grid = max(r["tune_vs_grid"] for r in rows)
     beats = sum(r["tune_vs_best_default"] < 1 for r in rows)
@@ -143,13 +185,14 @@ def run(n_trials: int = N_TRIALS, seeds: tuple[int, ...] = SEEDS,
         target("tasks where tune beats the best fixed default", float(beats), ">= 2", beats >= 2),
     ]
     meta = {"trials": n_trials, "seeds": list(seeds), "grid": [str(c) for c in grid],
-            "defaults": list(DEFAULTS), "per_seed": per_seed,
+            "defaults": list(DEFAULTS), "adaptive_defaults": list(ADAPTIVE_DEFAULTS),
+            "per_seed": per_seed,
             "value": "validation loss at the last epoch (lower is better)"}
     kwargs = {} if out_dir is None else {"out_dir": out_dir}
     return report("search_quality", "Search quality (median of seeds)", rows,
                   ["task", "tune_best", "grid_best", "best_default", "no_clip", "tune_vs_grid",
                    "tune_vs_best_default", "chosen_tune_vs_grid", "tune_steps", "grid_steps",
-                   "defaults_steps"],
+                   "defaults_steps", *ADAPTIVE_COLUMNS],
                   targets, meta, **kwargs)
 
 

@@ -15,7 +15,8 @@ from cliptune.tuner import TuneResult, tune
 
 __version__ = "0.1.0"
 
-_LAZY = {"clip_grads_": "cliptune.backends._torch_clip",
+_LAZY = {"Clipper": "cliptune.backends._torch_adaptive",
+         "clip_grads_": "cliptune.backends._torch_clip",
          "keras_optimizer": "cliptune.backends._keras"}
 
 
@@ -31,6 +32,7 @@ def __getattr__(name: str) -> Any:
 __all__ = [
     "ClipConfig",
     "ClipMode",
+    "Clipper",
     "MlflowTracker",
     "SearchSpace",
     "StabilityPruner",

@@ -50,6 +50,11 @@ def _one_liners(result: TuneResult, spec: JobSpec | None) -> dict[str, str]:
     lr = _short(result.best_extras.get("lr", spec.optimizer.lr if spec else None))
     name = _KERAS_OPTIMIZERS.get(spec.optimizer.name.lower(), "Adam") if spec else "Adam"
     args = [f"learning_rate={lr!r}" if lr is not None else "..."]
+    if clip.mode.adaptive:  # stateful: one Clipper (or optimizer) for the whole training run
+        torch_line = (f"clipper = cliptune.Clipper({clip!r})  # once; each step: "
+                      "clipper(model.parameters())")
+        keras_line = f"cliptune.keras_optimizer({clip!r}, {name.lower()!r}, {args[0]})"
+        return {"torch": torch_line, "keras": keras_line}
     args += [f"{key}={value!r}" for key, value in clip.keras_kwargs().items()]
     keras_line = f"keras.optimizers.{name}({', '.join(args)})"
     if clip.mode is ClipMode.NONE:

@@ -20,12 +20,31 @@ class ClipMode(StrEnum):
     - ``norm``: each parameter tensor's gradient scaled to L2 norm <= t on its own (Keras ``clipnorm``).
     - ``global_norm``: all gradients scaled together so their joint L2 norm <= t
       (torch ``clip_grad_norm_``, Keras ``global_clipnorm``).
+
+    Adaptive modes keep state across steps (one state per trial, or per :class:`cliptune.Clipper`);
+    their one parameter travels in ``ClipConfig.threshold`` so that search spaces and the Optuna
+    names ``clip_threshold_<mode>`` stay uniform:
+
+    - ``autoclip``: the global norm clipped to the p-th percentile of all pre-clip global norms
+      seen so far, the current one included (Seetharaman et al. 2020); parameter p in (0, 100].
+    - ``agc``: unit-wise adaptive gradient clipping (Brock et al. 2021): each unit's gradient
+      scaled to at most lambda * max(||W_unit||, 1e-3); parameter lambda > 0.
+    - ``zclip``: the global norm clipped when its z-score against EMA mean and variance exceeds
+      z_thres (Kumar et al. 2025); parameter z_thres > 0.
     """
 
     NONE = "none"
     VALUE = "value"
     NORM = "norm"
     GLOBAL_NORM = "global_norm"
+    AUTOCLIP = "autoclip"
+    AGC = "agc"
+    ZCLIP = "zclip"
+
+    @property
+    def adaptive(self) -> bool:
+        """Whether the mode keeps state across steps (its parameter is not a fixed threshold)."""
+        return self in _PARAMETER
 
     @classmethod
     def parse(cls, mode: object, where: str = "") -> ClipMode:
@@ -36,6 +55,7 @@ class ClipMode(StrEnum):
             raise unknown_name("clip mode", mode, [m.value for m in cls], where) from None
 
 
+_PARAMETER = {"autoclip": "percentile", "agc": "lambda", "zclip": "z_thres"}
 _KERAS_ARG = {
     ClipMode.VALUE: "clipvalue",
     ClipMode.NORM: "clipnorm",
@@ -48,8 +68,11 @@ class ClipConfig:
     """A gradient-clipping configuration.
 
     Args:
-        mode: One of ``none``, ``value``, ``norm``, ``global_norm``.
-        threshold: Positive finite threshold; must be left out (``None``) for ``none``.
+        mode: One of ``none``, ``value``, ``norm``, ``global_norm``, or an adaptive mode
+            ``autoclip``, ``agc``, ``zclip`` (see :class:`ClipMode`).
+        threshold: Positive finite threshold; must be left out (``None``) for ``none``. For an
+            adaptive mode, the mode's parameter: the percentile in (0, 100] for ``autoclip``,
+            lambda for ``agc``, z_thres for ``zclip``.
 
     Example:
         >>> ClipConfig("global_norm", 0.83)
@@ -75,17 +98,33 @@ class ClipConfig:
             raise ValueError(
                 f"The 'threshold' parameter of ClipConfig is required for mode={mode.value!r}."
             )
-        object.__setattr__(
-            self, "threshold", check_positive_float(self.threshold, "threshold", "ClipConfig")
-        )
+        owner = "ClipConfig"
+        if mode.adaptive:
+            owner = f"ClipConfig ({_PARAMETER[mode]} for mode={mode.value!r})"
+        if mode is ClipMode.AUTOCLIP:
+            t = self.threshold
+            if isinstance(t, bool) or not isinstance(t, (int, float)) or not 0 < t <= 100:
+                raise ValueError(f"The 'threshold' parameter of {owner} must be in (0, 100]. "
+                                 f"Got {t!r} instead.")
+        object.__setattr__(self, "threshold", check_positive_float(self.threshold, "threshold",
+                                                                   owner))
 
     def __repr__(self) -> str:
         return f"ClipConfig(mode={self.mode.value!r}, threshold={self.threshold!r})"
 
     def keras_kwargs(self) -> dict[str, float]:
-        """The Keras optimizer arguments that apply this clip, e.g. ``{"clipnorm": 1.0}``."""
+        """The Keras optimizer arguments that apply this clip, e.g. ``{"clipnorm": 1.0}``.
+
+        Adaptive modes have no such argument: use ``cliptune.keras_optimizer(config, ...)``.
+        """
         if self.mode is ClipMode.NONE:
             return {}
+        if self.mode.adaptive:
+            raise ValueError(
+                f"The adaptive clip mode {self.mode.value!r} cannot be expressed as Keras "
+                "optimizer arguments; build the optimizer with "
+                "cliptune.keras_optimizer(config, 'adam', learning_rate=...) instead."
+            )
         return {_KERAS_ARG[self.mode]: float(self.threshold)}  # type: ignore[arg-type]
 
     def to_dict(self) -> dict[str, Any]:

@@ -30,7 +30,8 @@ if TYPE_CHECKING:
     from matplotlib.figure import Figure
 
 MODE_COLORS = {ClipMode.NONE: "#7f7f7f", ClipMode.VALUE: "#1f77b4", ClipMode.NORM: "#2ca02c",
-               ClipMode.GLOBAL_NORM: "#d62728"}
+               ClipMode.GLOBAL_NORM: "#d62728", ClipMode.AUTOCLIP: "#9467bd", ClipMode.AGC: "#8c564b",
+               ClipMode.ZCLIP: "#e377c2"}
 _SIZE = (7.0, 4.2)
 
 

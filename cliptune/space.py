@@ -7,7 +7,6 @@ The YAML format (keys mirror Optuna's distributions)::
       none: {}
       value:       {threshold: {low: 0.001, high: 10.0, log: true}}
       global_norm: {threshold: {low: 0.01,  high: 100.0, log: true}}
-      norm:        {threshold: auto}   # a range from a short probe of the gradients (cliptune.probe)
     extras:                 # optional, tuned together with the clip
       lr: {low: 1.0e-4, high: 1.0e-1, log: true}
 
@@ -19,7 +18,7 @@ from __future__ import annotations
 
 import math
 import os
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field
 from importlib import resources
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -34,8 +33,6 @@ if TYPE_CHECKING:
 
 _RANGE_KEYS = ("low", "high", "log", "step", "type")
 _TYPES = ("float", "int")
-AUTO = "auto"  # ``threshold: auto``: the range comes from a probe of the gradients
-AUTO_MODES = (ClipMode.VALUE, ClipMode.NORM, ClipMode.GLOBAL_NORM)
 
 
 @dataclass(frozen=True)
@@ -48,11 +45,8 @@ class ParamRange:
     step: float | None = None
     type: str = "float"
     choices: tuple[Any, ...] | None = None
-    auto: bool = False  # ``threshold: auto``, not resolved yet (see cliptune.probe)
 
     def suggest(self, trial: optuna.Trial, name: str) -> Any:
-        if self.auto:
-            raise RuntimeError(f"{name} is 'auto' and was not resolved by a probe before sampling.")
         if self.choices is not None:
             return trial.suggest_categorical(name, list(self.choices))
         if self.type == "int":
@@ -120,16 +114,14 @@ def _parse_range(spec: object, where: str, positive: bool = False) -> ParamRange
     return ParamRange(low, high, log, step, kind)
 
 
-def _parse_auto(value: str, mode: ClipMode, where: str) -> ParamRange:
-    """``threshold: auto`` for a mode that a probe can size (see :mod:`cliptune.probe`)."""
-    if value != AUTO:
-        raise ValueError(f"{where}: expected a mapping like {{low: 0.01, high: 10.0, log: true}} "
-                         f"or 'auto', got {value!r}.")
-    if mode not in AUTO_MODES:
-        raise ValueError(f"{where}: 'auto' is supported for the modes "
-                         f"{', '.join(m.value for m in AUTO_MODES)}; give mode {mode.value!r} a "
-                         "range {low: ..., high: ...}.")
-    return ParamRange(log=True, auto=True)
+def _check_ends(mode: ClipMode, rng: ParamRange, where: str) -> ParamRange:
+    """Every value of the range is a valid parameter of ``mode`` (autoclip's percentile <= 100)."""
+    for value in rng.choices if rng.choices is not None else (rng.low, rng.high):
+        try:
+            ClipConfig(mode, value)
+        except ValueError as exc:
+            raise ValueError(f"{where}: {exc}") from None
+    return rng
 
 
 @dataclass(frozen=True)
@@ -175,10 +167,8 @@ class SearchSpace:
                 continue
             if "threshold" not in spec:
                 raise ValueError(f"{where}: the key 'threshold' is required.")
-            if isinstance(spec["threshold"], str):
-                modes[mode] = _parse_auto(spec["threshold"], mode, f"{where}.threshold")
-                continue
-            modes[mode] = _parse_range(spec["threshold"], f"{where}.threshold", positive=True)
+            modes[mode] = _check_ends(mode, _parse_range(spec["threshold"], f"{where}.threshold",
+                                                         positive=True), f"{where}.threshold")
         raw_extras = data.get("extras") or {}
         if not isinstance(raw_extras, dict):
             raise ValueError(f"{source}: extras: expected a mapping, got {raw_extras!r}.")
@@ -235,15 +225,6 @@ class SearchSpace:
         extras = {key: rng.suggest(trial, key) for key, rng in self.extras.items()}
         return ClipConfig(mode, threshold), extras
 
-    @property
-    def auto_modes(self) -> list[ClipMode]:
-        """The modes whose threshold is ``auto`` (still to be set from a probe)."""
-        return [m for m, r in self.modes.items() if r is not None and r.auto]
-
-    def with_ranges(self, ranges: dict[ClipMode, ParamRange]) -> SearchSpace:
-        """This space with some modes' threshold ranges replaced (e.g. resolved ``auto`` ones)."""
-        return replace(self, modes={m: ranges.get(m, r) for m, r in self.modes.items()})
-
     def default_extras(self) -> dict[str, Any]:
         """A value for each extra, for checking a model factory before the study."""
         return {key: rng.midpoint() for key, rng in self.extras.items()}
@@ -251,8 +232,7 @@ class SearchSpace:
     def to_dict(self) -> dict[str, Any]:
         """The YAML form."""
         out: dict[str, Any] = {"version": 1, "modes": {
-            m.value: ({} if r is None else {"threshold": AUTO if r.auto else r.to_dict()})
-            for m, r in self.modes.items()
+            m.value: ({} if r is None else {"threshold": r.to_dict()}) for m, r in self.modes.items()
         }}
         if self.extras:
             out["extras"] = {k: r.to_dict() for k, r in self.extras.items()}

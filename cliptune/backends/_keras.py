@@ -1,7 +1,9 @@
 """Keras 3 (TensorFlow) backend: train one trial, apply the clip, tell the monitor; nothing else.
 
 The clip is the optimizer's own (``clipvalue``, ``clipnorm``, ``global_clipnorm`` from
-:meth:`ClipConfig.keras_kwargs`), so a tuned config means the same thing in a user's ``model.fit``.
+:meth:`ClipConfig.keras_kwargs`; for the adaptive modes, a subclass of the optimizer's class that
+keeps the clip's state, see ``_keras_adaptive``), so a tuned config means the same thing in a
+user's ``model.fit`` with :func:`keras_optimizer`.
 Training runs in a compiled ``tf.function`` step that also returns the pre-clip global gradient
 norm and whether the clip changed anything, read with one host copy per step so a non-finite loss
 stops the epoch at once.
@@ -71,7 +73,9 @@ def keras_optimizer(config: ClipConfig, optimizer: str | Callable[..., Any] = "a
     Args:
         config: The clip, e.g. a tuned ``result.best_config``.
         optimizer: ``"sgd"``, ``"adam"``, ``"adamw"``, ``"rmsprop"``, or a Keras optimizer class
-            or factory taking the clip keyword arguments.
+            or factory taking the clip keyword arguments. For an adaptive mode (``autoclip``,
+            ``agc``, ``zclip``) a name, a class or a ``functools.partial`` of a class: the
+            optimizer is then a subclass of it that clips with its own state (one per optimizer).
         **kwargs: More optimizer arguments, such as ``learning_rate``.
 
     Example:
@@ -94,6 +98,8 @@ def keras_optimizer(config: ClipConfig, optimizer: str | Callable[..., Any] = "a
         if optimizer not in _OPTIMIZERS:
             raise unknown_name("optimizer", optimizer, _OPTIMIZERS)
         optimizer = _OPTIMIZERS[optimizer]
+    if config.mode.adaptive:
+        return _adaptive_optimizer(config, optimizer, kwargs)
     opt = optimizer(**kwargs, **config.keras_kwargs())
     if not isinstance(opt, keras.optimizers.Optimizer):
         raise TypeError("An optimizer callable must return a keras.optimizers.Optimizer. "
@@ -103,6 +109,21 @@ def keras_optimizer(config: ClipConfig, optimizer: str | Callable[..., Any] = "a
         raise ValueError(f"The optimizer factory dropped the clip arguments {wanted}; it must "
                          "pass clipvalue, clipnorm and global_clipnorm on to the optimizer.")
     return opt
+
+
+def _adaptive_optimizer(config: ClipConfig, optimizer: Callable[..., Any],
+                        kwargs: dict[str, Any]) -> keras.optimizers.Optimizer:
+    """An adaptive clip lives in a subclass of the optimizer's class, so it needs that class."""
+    from cliptune.backends._keras_adaptive import adaptive_optimizer_class
+
+    base, bound = optimizer, {}
+    if isinstance(optimizer, functools.partial) and not optimizer.args:
+        base, bound = optimizer.func, dict(optimizer.keywords)
+    if not (isinstance(base, type) and issubclass(base, keras.optimizers.Optimizer)):
+        raise TypeError(f"The adaptive clip mode {config.mode.value!r} needs an optimizer name, "
+                        "a Keras optimizer class or a functools.partial of one (cliptune "
+                        f"subclasses it to keep the clip's state). Got {optimizer!r} instead.")
+    return adaptive_optimizer_class(base)(**bound, **kwargs, cliptune_clip=config)
 
 
 def make_optimizer(optimizer: str | Callable[..., Any], clip: ClipConfig, lr: float,
@@ -203,8 +224,10 @@ def _step_fn(model: keras.Model, clip: ClipConfig) -> Callable[[Any], tf.Tensor]
         grads = [tf.cast(_dense(g), tf.float32) for g, _ in pairs]
         norms = tf.sqrt(tf.stack([tf.reduce_sum(tf.square(g)) for g in grads]))
         total = tf.norm(norms)
-        clipped = _changed(grads, norms, total, clip)
+        clipped = None if clip.mode.adaptive else _changed(grads, norms, total, clip)
         model.optimizer.apply_gradients(pairs)  # the optimizer clips with its own arguments
+        if clipped is None:  # an adaptive clip records in its state whether it changed anything
+            clipped = model.optimizer.cliptune_state.changed.read_value()
         return tf.stack([tf.cast(loss, tf.float32), total, tf.cast(clipped, tf.float32)])
 
     return step
@@ -222,13 +245,14 @@ def _eval_fn(model: keras.Model) -> Callable[[Any], tf.Tensor]:
     return evaluate
 
 
-def _compiled(fn: Callable[[Any], tf.Tensor], model: keras.Model,
-              dataset: tf.data.Dataset) -> Callable[[Any], tf.Tensor]:
-    """``fn`` as a ``tf.function`` traced once for the dataset's batches (XLA as Keras would)."""
+def _compiled(fn: Callable[[Any], tf.Tensor], model: keras.Model, dataset: tf.data.Dataset,
+              xla: bool = True) -> Callable[[Any], tf.Tensor]:
+    """``fn`` as a ``tf.function`` traced once for the dataset's batches (XLA as Keras would,
+    unless ``xla`` is false: autoclip's growing history cannot be compiled by XLA)."""
     if model.run_eagerly:
         return fn
     return tf.function(fn, input_signature=[dataset.element_spec],
-                       jit_compile=bool(model.jit_compile))
+                       jit_compile=bool(model.jit_compile) and xla)
 
 
 def _first_pass(model: keras.Model, batch: Any) -> None:
@@ -291,7 +315,7 @@ class KerasBackend:
         compile_model(model, clip, extras, settings)
         train, val = _datasets(splits, settings, seed)
         _first_pass(model, next(iter(train)))
-        step = _compiled(_step_fn(model, clip), model, train)
+        step = _compiled(_step_fn(model, clip), model, train, xla=clip.mode is not ClipMode.AUTOCLIP)
         evaluate = _compiled(_eval_fn(model), model, val)
         for epoch in range(settings.epochs):
             for batch in train:  # one host copy a step: a NaN stops the epoch here
@@ -299,23 +323,6 @@ class KerasBackend:
                 monitor.step(loss, norm, clipped > 0.5)
             monitor.epoch(epoch, None, _mean_loss(evaluate, val))
         return model
-
-    # Beyond a trial (in _keras_tools): a probe for ``threshold: auto``, predictions, a sample.
-    def probe(self, model_fn: Callable[..., Any], extras: dict[str, Any], splits: Splits,
-              settings: TrainSettings, max_steps: int) -> dict[str, Any]:
-        from cliptune.backends._keras_tools import probe
-
-        return probe(model_fn, extras, splits, settings, max_steps)
-
-    def predict(self, model: keras.Model, X: np.ndarray) -> np.ndarray:
-        from cliptune.backends._keras_tools import predict
-
-        return predict(model, X)
-
-    def sample_inputs(self, data: Any, n: int = 5) -> np.ndarray | None:
-        from cliptune.backends._keras_tools import sample_inputs
-
-        return sample_inputs(data, n)
 
 
 def _mean_loss(evaluate: Callable[[Any], tf.Tensor], data: tf.data.Dataset) -> float:

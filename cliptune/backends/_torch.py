@@ -11,7 +11,7 @@ import torch
 from torch import nn
 
 from cliptune._errors import unknown_name
-from cliptune.backends._torch_clip import clip_tensors_
+from cliptune.backends._torch_adaptive import Clipper
 
 if TYPE_CHECKING:
     from cliptune.backends import TrainSettings
@@ -147,6 +147,7 @@ class TorchBackend:
         loss_fn = make_loss(settings.loss)
         train, val = self._prepare(splits, settings)
         on_cpu = torch.device(settings.device).type == "cpu"
+        clipper = Clipper(clip)  # an adaptive clip's state belongs to this trial only
         for epoch in range(settings.epochs):
             model.train()
             pending: list[torch.Tensor] = []
@@ -154,7 +155,7 @@ class TorchBackend:
                 optimizer.zero_grad(set_to_none=True)
                 loss = loss_fn(model(xb), yb)
                 loss.backward()
-                norm, clipped = clip_tensors_([p.grad for p in params if p.grad is not None], clip)
+                norm, clipped = clipper.clip_([p for p in params if p.grad is not None])
                 if on_cpu:  # reading a CPU tensor costs no sync
                     monitor.step(loss.item(), norm.item(), bool(clipped))
                 else:
@@ -176,23 +177,6 @@ class TorchBackend:
             total += loss_fn(model(xb), yb).detach().float() * len(xb)
             count += len(xb)
         return float(total) / max(count, 1)
-
-    # Beyond a trial (in _torch_tools): a probe for ``threshold: auto``, predictions, a sample.
-    def probe(self, model_fn: Callable[..., Any], extras: dict[str, Any], splits: Splits,
-              settings: TrainSettings, max_steps: int) -> dict[str, Any]:
-        from cliptune.backends._torch_tools import probe
-
-        return probe(self, model_fn, extras, splits, settings, max_steps)
-
-    def predict(self, model: nn.Module, X: np.ndarray) -> np.ndarray:
-        from cliptune.backends._torch_tools import predict
-
-        return predict(model, X)
-
-    def sample_inputs(self, data: Any, n: int = 5) -> np.ndarray | None:
-        from cliptune.backends._torch_tools import sample_inputs
-
-        return sample_inputs(data, n)
 
 
 def _flush(pending: list[torch.Tensor], monitor: TrialMonitor) -> None:

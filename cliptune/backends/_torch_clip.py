@@ -1,4 +1,4 @@
-"""The four clip modes for torch gradients, on foreach kernels.
+"""The four fixed clip modes for torch gradients, on foreach kernels (adaptive ones: _torch_adaptive).
 
 Scale factors follow Keras exactly (``g * t / max(norm, t)``), so both backends give the same
 numbers; a zero gradient keeps a scale of 1 and no division by zero happens.
@@ -91,5 +91,9 @@ def clip_grads_(parameters: Tensor | Iterable[Tensor], config: ClipConfig) -> fl
     if not isinstance(config, ClipConfig):
         raise TypeError("The 'config' parameter of clip_grads_ must be a ClipConfig. "
                         f"Got {type(config).__name__} instead.")
+    if config.mode.adaptive:
+        raise ValueError(f"clip_grads_ is stateless; the adaptive clip mode {config.mode.value!r} "
+                         "keeps state across steps: create clipper = cliptune.Clipper(config) "
+                         "once and call clipper(parameters) each step.")
     total, _ = clip_tensors_(_grads(parameters), config)
     return float(total)
