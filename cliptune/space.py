@@ -7,6 +7,7 @@ The YAML format (keys mirror Optuna's distributions)::
       none: {}
       value:       {threshold: {low: 0.001, high: 10.0, log: true}}
       global_norm: {threshold: {low: 0.01,  high: 100.0, log: true}}
+      norm:        {threshold: auto}   # a range from a short probe of the gradients (cliptune.probe)
     extras:                 # optional, tuned together with the clip
       lr: {low: 1.0e-4, high: 1.0e-1, log: true}
 
@@ -18,7 +19,7 @@ from __future__ import annotations
 
 import math
 import os
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from importlib import resources
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -33,6 +34,8 @@ if TYPE_CHECKING:
 
 _RANGE_KEYS = ("low", "high", "log", "step", "type")
 _TYPES = ("float", "int")
+AUTO = "auto"  # ``threshold: auto``: the range comes from a probe of the gradients
+AUTO_MODES = (ClipMode.VALUE, ClipMode.NORM, ClipMode.GLOBAL_NORM)
 
 
 @dataclass(frozen=True)
@@ -45,8 +48,11 @@ class ParamRange:
     step: float | None = None
     type: str = "float"
     choices: tuple[Any, ...] | None = None
+    auto: bool = False  # ``threshold: auto``, not resolved yet (see cliptune.probe)
 
     def suggest(self, trial: optuna.Trial, name: str) -> Any:
+        if self.auto:
+            raise RuntimeError(f"{name} is 'auto' and was not resolved by a probe before sampling.")
         if self.choices is not None:
             return trial.suggest_categorical(name, list(self.choices))
         if self.type == "int":
@@ -124,6 +130,18 @@ def _check_ends(mode: ClipMode, rng: ParamRange, where: str) -> ParamRange:
     return rng
 
 
+def _parse_auto(value: str, mode: ClipMode, where: str) -> ParamRange:
+    """``threshold: auto`` for a mode that a probe can size (see :mod:`cliptune.probe`)."""
+    if value != AUTO:
+        raise ValueError(f"{where}: expected a mapping like {{low: 0.01, high: 10.0, log: true}} "
+                         f"or 'auto', got {value!r}.")
+    if mode not in AUTO_MODES:
+        raise ValueError(f"{where}: 'auto' is supported for the modes "
+                         f"{', '.join(m.value for m in AUTO_MODES)}; give mode {mode.value!r} a "
+                         "range {low: ..., high: ...}.")
+    return ParamRange(log=True, auto=True)
+
+
 @dataclass(frozen=True)
 class SearchSpace:
     """Clip modes with their threshold ranges, plus co-tuned extras.
@@ -167,6 +185,9 @@ class SearchSpace:
                 continue
             if "threshold" not in spec:
                 raise ValueError(f"{where}: the key 'threshold' is required.")
+            if isinstance(spec["threshold"], str):
+                modes[mode] = _parse_auto(spec["threshold"], mode, f"{where}.threshold")
+                continue
             modes[mode] = _check_ends(mode, _parse_range(spec["threshold"], f"{where}.threshold",
                                                          positive=True), f"{where}.threshold")
         raw_extras = data.get("extras") or {}
@@ -225,6 +246,15 @@ class SearchSpace:
         extras = {key: rng.suggest(trial, key) for key, rng in self.extras.items()}
         return ClipConfig(mode, threshold), extras
 
+    @property
+    def auto_modes(self) -> list[ClipMode]:
+        """The modes whose threshold is ``auto`` (still to be set from a probe)."""
+        return [m for m, r in self.modes.items() if r is not None and r.auto]
+
+    def with_ranges(self, ranges: dict[ClipMode, ParamRange]) -> SearchSpace:
+        """This space with some modes' threshold ranges replaced (e.g. resolved ``auto`` ones)."""
+        return replace(self, modes={m: ranges.get(m, r) for m, r in self.modes.items()})
+
     def default_extras(self) -> dict[str, Any]:
         """A value for each extra, for checking a model factory before the study."""
         return {key: rng.midpoint() for key, rng in self.extras.items()}
@@ -232,7 +262,8 @@ class SearchSpace:
     def to_dict(self) -> dict[str, Any]:
         """The YAML form."""
         out: dict[str, Any] = {"version": 1, "modes": {
-            m.value: ({} if r is None else {"threshold": r.to_dict()}) for m, r in self.modes.items()
+            m.value: ({} if r is None else {"threshold": AUTO if r.auto else r.to_dict()})
+            for m, r in self.modes.items()
         }}
         if self.extras:
             out["extras"] = {k: r.to_dict() for k, r in self.extras.items()}

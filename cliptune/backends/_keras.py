@@ -324,6 +324,23 @@ class KerasBackend:
             monitor.epoch(epoch, None, _mean_loss(evaluate, val))
         return model
 
+    # Beyond a trial (in _keras_tools): a probe for ``threshold: auto``, predictions, a sample.
+    def probe(self, model_fn: Callable[..., Any], extras: dict[str, Any], splits: Splits,
+              settings: TrainSettings, max_steps: int) -> dict[str, Any]:
+        from cliptune.backends._keras_tools import probe
+
+        return probe(model_fn, extras, splits, settings, max_steps)
+
+    def predict(self, model: keras.Model, X: np.ndarray) -> np.ndarray:
+        from cliptune.backends._keras_tools import predict
+
+        return predict(model, X)
+
+    def sample_inputs(self, data: Any, n: int = 5) -> np.ndarray | None:
+        from cliptune.backends._keras_tools import sample_inputs
+
+        return sample_inputs(data, n)
+
 
 def _mean_loss(evaluate: Callable[[Any], tf.Tensor], data: tf.data.Dataset) -> float:
     """Mean loss over a split, weighted by batch size."""

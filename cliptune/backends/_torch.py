@@ -178,6 +178,23 @@ class TorchBackend:
             count += len(xb)
         return float(total) / max(count, 1)
 
+    # Beyond a trial (in _torch_tools): a probe for ``threshold: auto``, predictions, a sample.
+    def probe(self, model_fn: Callable[..., Any], extras: dict[str, Any], splits: Splits,
+              settings: TrainSettings, max_steps: int) -> dict[str, Any]:
+        from cliptune.backends._torch_tools import probe
+
+        return probe(self, model_fn, extras, splits, settings, max_steps)
+
+    def predict(self, model: nn.Module, X: np.ndarray) -> np.ndarray:
+        from cliptune.backends._torch_tools import predict
+
+        return predict(model, X)
+
+    def sample_inputs(self, data: Any, n: int = 5) -> np.ndarray | None:
+        from cliptune.backends._torch_tools import sample_inputs
+
+        return sample_inputs(data, n)
+
 
 def _flush(pending: list[torch.Tensor], monitor: TrialMonitor) -> None:
     """Hand buffered step statistics to the monitor with one device read."""
