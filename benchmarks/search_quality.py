@@ -18,7 +18,8 @@ A best value is the minimum of noisy evaluations (a configuration's final loss m
 initialisation), so the grid's best over 25 draws is luckier than tune()'s over 20.
 ``chosen_tune_vs_grid`` takes that luck out: the configurations the two chose are each re-trained
 on 3 fresh training seeds (same split) and their mean losses compared. Those re-runs are not
-counted in the steps.
+counted in the steps. ``seed_spread`` is the coefficient of variation of the grid's chosen
+configuration over those 3 seeds: the noise floor of any comparison of single runs.
 
 Adaptive modes (issue 8), on the same tasks and seeds: ``tune()`` over ``adaptive.yaml`` (the fixed
 modes plus autoclip, agc, zclip), 20 trials, and the adaptive modes' usual settings (autoclip p=10,
@@ -50,7 +51,6 @@ ADAPTIVE_DEFAULTS = {"autoclip 10": ("autoclip", 10.0), "agc 0.01": ("agc", 0.01
                      "zclip 2.5": ("zclip", 2.5)}
 ADAPTIVE_COLUMNS = ["adaptive_tune_best", "adaptive_vs_tune", "chosen_adaptive_vs_tune",
                     "adaptive_default_vs_fixed", "adaptive_chosen"]
-
 
 
 def grid_configs(n: int = 8) -> list[Any]:
@@ -106,11 +106,12 @@ def one_seed(task: Task, seed: int, n_trials: int, grid: list[Any]) -> dict[str,
     best_default = min(defaults, key=defaults.__getitem__)
     tune_best = result.best_value if result.best_value is not None else math.inf
 
-    def retrained(clip: Any) -> float:  # the chosen config on fresh training seeds, same split
-        return float(np.mean([train_fully(task, clip, seed, 1000 + k) for k in range(RETRAIN)]))
+    def retrained(clip: Any) -> list[float]:  # the chosen config on fresh training seeds
+        return [train_fully(task, clip, seed, 1000 + k) for k in range(RETRAIN)]
 
-    chosen_grid = retrained(grid[best_grid])
-    chosen_tune = retrained(result.best_config) if result.best_config is not None else math.inf
+    grid_runs = retrained(grid[best_grid])
+    tune_runs = retrained(result.best_config) if result.best_config is not None else [math.inf]
+    chosen_grid, chosen_tune = float(np.mean(grid_runs)), float(np.mean(tune_runs))
     return {"task": task.name, "seed": seed, "tune_best": tune_best,
             "tune_config": str(result.best_config), "grid_best": grid_values[best_grid],
             "grid_config": str(grid[best_grid]), "best_default": defaults[best_default],
@@ -118,6 +119,7 @@ def one_seed(task: Task, seed: int, n_trials: int, grid: list[Any]) -> dict[str,
             "tune_vs_grid": tune_best / grid_values[best_grid],
             "tune_vs_best_default": tune_best / defaults[best_default],
             "tune_chosen_retrained": chosen_tune, "grid_chosen_retrained": chosen_grid,
+            "seed_spread": float(np.std(grid_runs) / np.mean(grid_runs)),
             "chosen_tune_vs_grid": chosen_tune / chosen_grid, "tune_steps": tune_steps[0],
             "grid_steps": grid_steps[0], "defaults_steps": default_steps[0], "tune_seconds": tune_s}
 
@@ -170,6 +172,7 @@ def run(n_trials: int = N_TRIALS, seeds: tuple[int, ...] = SEEDS,
             "tune_vs_grid": median([r["tune_vs_grid"] for r in found]),
             "tune_vs_best_default": median([r["tune_vs_best_default"] for r in found]),
             "chosen_tune_vs_grid": median([r["chosen_tune_vs_grid"] for r in found]),
+            "seed_spread": median([r["seed_spread"] for r in found]),
             "tune_steps": median([r["tune_steps"] for r in found]),
             "grid_steps": median([r["grid_steps"] for r in found]),
             "defaults_steps": median([r["defaults_steps"] for r in found]),
@@ -191,8 +194,8 @@ def run(n_trials: int = N_TRIALS, seeds: tuple[int, ...] = SEEDS,
     kwargs = {} if out_dir is None else {"out_dir": out_dir}
     return report("search_quality", "Search quality (median of seeds)", rows,
                   ["task", "tune_best", "grid_best", "best_default", "no_clip", "tune_vs_grid",
-                   "tune_vs_best_default", "chosen_tune_vs_grid", "tune_steps", "grid_steps",
-                   "defaults_steps", *ADAPTIVE_COLUMNS],
+                   "tune_vs_best_default", "chosen_tune_vs_grid", "seed_spread", "tune_steps",
+                   "grid_steps", "defaults_steps", *ADAPTIVE_COLUMNS],
                   targets, meta, **kwargs)
 
 

@@ -9,10 +9,12 @@ one. A trial's wall time is the interval between consecutive trial starts in the
 the trials). Subtracted from it:
 
 - ``train_ms``: the same training run directly by ``TorchBackend.train`` with a do-nothing monitor;
-- ``optuna_ms``: a bare Optuna loop on the same storage, sampler and pruner doing the same calls
-  (suggest mode and threshold, 10 reports + should_prune, one user attribute);
-- ``mlflow_ms``: the MLflow calls of one tracked trial made directly with ``MlflowClient`` (create
-  a nested run, its params, one batch of 50 metrics, its tags, terminate) on the same sqlite store.
+- ``optuna_ms``: a bare Optuna loop on the same storage, sampler and pruner replaying the same
+  calls (suggest mode and threshold, each trial's reports with a ``should_prune`` after each, one
+  user attribute, the same end);
+- ``mlflow_ms``: the 3 MLflow calls of one tracked trial made directly with ``MlflowClient`` (create
+  the nested run with its tags; one ``log_batch`` of its params, 50 metrics and end tags;
+  terminate it) on the same sqlite store.
 
 ``outside_ms`` = trial - train is what a user pays per trial; ``residual_ms`` = trial - train -
 optuna - mlflow is what the parts do not explain, noise included (it can be negative: the parts
@@ -25,6 +27,8 @@ bookkeeping; backends left out) per trial, an upper bound since profiling slows 
 
 from __future__ import annotations
 
+import contextlib
+import io
 import tempfile
 import time
 from pathlib import Path
@@ -86,14 +90,22 @@ def _intervals_ms(study: Any) -> float:
 def _tune(kind: str, tracking: bool, folder: Path, mlflow_db: Path) -> Any:
     import cliptune
 
-    return cliptune.tune(_model, _data(), epochs=EPOCHS, batch_size=64, n_trials=N_TRIALS,
-                         seed=0, storage=_storage(kind, folder), study_name="bench",
-                         tracking=tracking, tracking_uri=f"sqlite:///{mlflow_db}",
-                         experiment=f"bench-{folder.name}", show_progress=False)
+    with contextlib.redirect_stderr(io.StringIO()):  # the tracker's links to the MLflow UI
+        return cliptune.tune(_model, _data(), epochs=EPOCHS, batch_size=64, n_trials=N_TRIALS,
+                             seed=0, storage=_storage(kind, folder), study_name="bench",
+                             tracking=tracking, tracking_uri=f"sqlite:///{mlflow_db}",
+                             experiment=f"bench-{folder.name}", show_progress=False)
 
 
-def tune_trial_ms(kind: str, tracking: bool, folder: Path, mlflow_db: Path) -> float:
-    return _intervals_ms(_tune(kind, tracking, folder, mlflow_db).study)
+Script = list[tuple[list[float], bool]]  # per trial: its reported values, whether it was pruned
+
+
+def tune_trial_ms(kind: str, tracking: bool, folder: Path, mlflow_db: Path) -> tuple[float, Script]:
+    """ms per trial of tune(), and what each trial reported (for the bare loop to replay)."""
+    study = _tune(kind, tracking, folder, mlflow_db).study
+    script = [([t.intermediate_values[k] for k in sorted(t.intermediate_values)],
+               t.state.name == "PRUNED") for t in study.get_trials(deepcopy=False)]
+    return _intervals_ms(study), script
 
 
 def own_code_ms(tracking: bool, folder: Path, mlflow_db: Path) -> float:
@@ -114,8 +126,13 @@ def own_code_ms(tracking: bool, folder: Path, mlflow_db: Path) -> float:
     return own / N_TRIALS * 1e3
 
 
-def optuna_trial_ms(kind: str, folder: Path) -> float:
-    """The Optuna calls of a cliptune trial, made by a bare objective."""
+def optuna_trial_ms(kind: str, folder: Path, script: Script) -> float:
+    """The Optuna calls of tune()'s trials, replayed by a bare objective.
+
+    Trial ``i`` reports the values tune()'s trial ``i`` reported, asks ``should_prune`` after each
+    (the same pruner, so the same reads) and ends as that trial did; the sampler therefore sees
+    the same history and samples the same parameters.
+    """
     import optuna
 
     from cliptune import SearchSpace
@@ -129,14 +146,14 @@ def optuna_trial_ms(kind: str, folder: Path) -> float:
 
     def objective(trial: optuna.Trial) -> float:
         space.suggest(trial)
-        value = 1.0 + 0.01 * trial.number
-        for epoch in range(EPOCHS):
+        values, pruned = script[trial.number]
+        for epoch, value in enumerate(values):
             trial.report(value, epoch)
-            if trial.should_prune():
-                trial.set_user_attr("history", history[:epoch + 1])
-                raise optuna.TrialPruned()
-        trial.set_user_attr("history", history)
-        return value
+            trial.should_prune()
+        trial.set_user_attr("history", history[:len(values)])
+        if pruned:
+            raise optuna.TrialPruned()
+        return values[-1]
 
     study.optimize(objective, n_trials=N_TRIALS)
     return _intervals_ms(study)
@@ -159,19 +176,18 @@ def mlflow_trial_ms(folder: Path, mlflow_db: Path, n: int = 20) -> float:
     times = []
     for i in range(n):
         start = time.perf_counter()
-        run = client.create_run(exp, run_name=f"trial-{i}", tags={
+        run = client.create_run(exp, run_name=f"trial-{i} norm=0.5", tags={
             "mlflow.parentRunId": parent, "cliptune.study": "bare", "optuna.trial_number": str(i),
             "cliptune.state": "RUNNING"})
         rid = run.info.run_id
-        client.log_batch(rid, params=[Param("clip_mode", "norm"), Param("clip_threshold", "0.5")],
-                         synchronous=True)
         now = int(time.time() * 1000)
         metrics = [Metric(k, 1.0, now, e) for e in range(EPOCHS)
                    for k in ("train_loss", "val_loss", "grad_norm_mean", "grad_norm_max",
                              "clip_fraction")]
         metrics.append(Metric("value", 1.0, now, 0))
-        client.log_batch(rid, metrics=metrics, tags=[RunTag("cliptune.state", "COMPLETE")],
-                         synchronous=True)
+        client.log_batch(rid, metrics=metrics, params=[Param("clip_mode", "norm"),
+                                                       Param("clip_threshold", "0.5")],
+                         tags=[RunTag("cliptune.state", "COMPLETE")], synchronous=True)
         client.set_terminated(rid, "FINISHED")
         times.append(time.perf_counter() - start)
     return median(times) * 1e3
@@ -220,8 +236,9 @@ def run(rounds: int = 3, out_dir: Any = None) -> dict[str, Any]:
                 folder.mkdir()
                 s = samples[label]
                 s["train"].append(train_ms())
-                s["trial"].append(tune_trial_ms(kind, tracking, folder, mlflow_db))
-                s["optuna"].append(optuna_trial_ms(kind, folder))
+                trial_ms, script = tune_trial_ms(kind, tracking, folder, mlflow_db)
+                s["trial"].append(trial_ms)
+                s["optuna"].append(optuna_trial_ms(kind, folder, script))
                 s["mlflow"].append(mlflow_trial_ms(folder, mlflow_db) if tracking else 0.0)
             for key, tracking in (("off", False), ("on", True)):
                 folder = Path(tmp) / f"own-{key}"
