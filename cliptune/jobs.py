@@ -89,7 +89,7 @@ class JobSpec(_Section):
 
     model: Reference
     data: Reference
-    loss: str = "mse"
+    loss: str | None = None  # None: "mse", or a compiled Keras model's own loss
     optimizer: OptimizerSpec = OptimizerSpec()
     epochs: PositiveInt = 10
     batch_size: PositiveInt = 64
@@ -301,7 +301,9 @@ class Job:
             except Exception as exc:
                 raise JobError(f"{self.source}: data: {spec.data} raised "
                                f"{type(exc).__name__}: {exc}") from None
-        loss: Any = self._import("loss", spec.loss) if ":" in spec.loss else spec.loss
+        loss: Any = spec.loss
+        if loss is not None and ":" in loss:
+            loss = self._import("loss", loss)
         name = spec.optimizer.name
         optimizer: Any = self._import("optimizer.name", name) if ":" in name else name
         return dict(model_fn=model_fn, data=data, loss=loss, optimizer=optimizer,

@@ -76,15 +76,18 @@ class TrialRunner:
         self._reached = False
 
     def __call__(self, trial: optuna.Trial) -> float:
-        trials = trial.study.get_trials(deepcopy=False)
-        this = next(t for t in trials if t.number == trial.number)
-        if counts_toward_total([t for t in trials if t.number < trial.number]) >= self.total \
-                and not _retry_history(this):  # a retry takes its dead trial's place
+        if trial.number >= self.total and self._is_surplus(trial):  # fewer earlier trials: never
             trial.set_user_attr(SURPLUS_ATTR, True)
             raise SurplusTrial(f"trial {trial.number} is beyond the study's total of {self.total}")
         self.n_ran += 1
         with beating(trial, self.heartbeat):
             return self._train(trial)
+
+    def _is_surplus(self, trial: optuna.Trial) -> bool:
+        trials = trial.study.get_trials(deepcopy=False)
+        this = next(t for t in trials if t.number == trial.number)
+        earlier = [t for t in trials if t.number < trial.number]
+        return counts_toward_total(earlier) >= self.total and not _retry_history(this)
 
     def _train(self, trial: optuna.Trial) -> float:
         clip, extras = self.space.suggest(trial)
@@ -116,6 +119,8 @@ class TrialRunner:
         return value
 
     def _after_trial(self, study: optuna.Study, trial: FrozenTrial) -> None:
+        if study._storage.get_n_trials(study._study_id) < self.total:
+            return  # a cheap count: fewer trials than the total cannot have reached it
         trials = study.get_trials(deepcopy=False)
         if counts_toward_total(trials) >= self.total and not any(
                 t.state is TrialState.WAITING for t in trials):

@@ -120,7 +120,7 @@ def tune(
     model_fn: Callable[..., Any],
     data: Any,
     *,
-    loss: str | Callable[..., Any] = "mse",
+    loss: str | Callable[..., Any] | None = None,
     optimizer: str | Callable[..., Any] = "sgd",
     lr: float = 0.01,
     epochs: int = 10,
@@ -161,10 +161,15 @@ def tune(
         model_fn: Zero-argument factory returning a fresh ``torch.nn.Module`` or Keras model, or a
             one-argument factory taking the dict of co-tuned extras.
         data: ``(X, y)`` arrays (split with ``val_fraction``), ``((X_tr, y_tr), (X_val, y_val))``,
-            ``{"train": ..., "val": ...}``, or a pair of framework datasets.
-        loss: ``"mse"``, ``"cross_entropy"``, ``"bce_with_logits"`` or a callable.
-        optimizer: ``"sgd"``, ``"adam"``, ``"adamw"``, ``"rmsprop"`` or a callable
-            ``(params, lr) -> optimizer``. An extra named ``lr`` overrides ``lr``.
+            ``{"train": ..., "val": ...}``, or a pair of framework datasets (torch ``Dataset`` or
+            ``DataLoader``; ``tf.data.Dataset``s already batched, as for ``model.fit``).
+        loss: ``"mse"``, ``"cross_entropy"``, ``"bce_with_logits"`` or a callable (torch:
+            ``loss(output, target)``; Keras: ``loss(y_true, y_pred)`` or a Keras loss).
+            ``None``: a compiled Keras model keeps its own loss, anything else uses ``"mse"``.
+        optimizer: ``"sgd"``, ``"adam"``, ``"adamw"``, ``"rmsprop"`` or a callable: torch
+            ``(params, lr) -> optimizer``; Keras, an optimizer class or factory called as
+            ``optimizer(learning_rate=lr, **clip_kwargs)``. An extra named ``lr`` overrides
+            ``lr``; extras ``momentum`` and ``weight_decay`` reach the optimizer.
         search_space: A shipped name (``"default"``, ``"rnn"``, ...), a YAML path, a dict or a
             :class:`SearchSpace`.
         n_trials: The study's total number of finished trials: a second call on the same storage

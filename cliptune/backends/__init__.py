@@ -17,7 +17,7 @@ if TYPE_CHECKING:
 class TrainSettings:
     """Everything about training a trial that is not the clip or the co-tuned extras."""
 
-    loss: str | Callable[..., Any]
+    loss: str | Callable[..., Any] | None  # None: the backend's default (or a compiled loss)
     optimizer: str | Callable[..., Any]
     lr: float
     epochs: int

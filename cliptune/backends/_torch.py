@@ -46,7 +46,9 @@ def build_model(model_fn: Callable[..., Any], extras: dict[str, Any]) -> nn.Modu
     return model
 
 
-def make_loss(loss: str | Callable[..., Any]) -> Callable[..., torch.Tensor]:
+def make_loss(loss: str | Callable[..., Any] | None) -> Callable[..., torch.Tensor]:
+    if loss is None:
+        return nn.MSELoss()
     if callable(loss):
         return loss
     if loss not in _LOSSES:
