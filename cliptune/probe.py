@@ -15,6 +15,11 @@ then follow these rules, on means over the probe's finite steps:
   is an extreme of many, and the bulk of the elements sits well below it, so the low end reaches a
   decade down (clamping a real share of the large elements); the high end hardly ever clips.
 
+Only the probe's healthy start counts: the statistics use the steps before the first one whose
+global norm jumps above ``JUMP`` x the median of the steps before it. On a net that explodes
+without clipping (the case clipping is for) the norm grows by a decade a step within a few steps;
+means over those steps would centre the ranges on the explosion, not on the gradients' scale.
+
 The ranges and the probe's statistics and cost are stored in the study's user attribute
 ``cliptune.probe``; a resumed study (or another worker) reuses them and never probes again, so the
 search space does not change under a running study.
@@ -38,8 +43,18 @@ FACTORS: dict[ClipMode, tuple[float, float]] = {
     ClipMode.NORM: (0.5, 10.0),
     ClipMode.VALUE: (0.1, 10.0),
 }
+JUMP = 10.0
 RULE = ("global_norm: [0.5, 10] x mean global norm; norm: [0.5 x mean tensor norm, "
-        "10 x mean largest tensor norm]; value: [0.1, 10] x mean largest |g|")
+        "10 x mean largest tensor norm]; value: [0.1, 10] x mean largest |g|; over the steps "
+        "before the global norm first jumps 10x above the median of the steps before it")
+
+
+def healthy_steps(global_norms: list[float]) -> int:
+    """How many first steps come before the global norm jumps ``JUMP`` x above their median."""
+    for i in range(1, len(global_norms)):
+        if global_norms[i] > JUMP * statistics.median(global_norms[:i]):
+            return i
+    return len(global_norms)
 
 
 def summarize(record: dict[str, Any]) -> dict[str, float]:
@@ -97,9 +112,12 @@ def run_probe(space: SearchSpace, probe: Callable[..., dict[str, Any]], extras: 
         warnings.warn(f"The probe for 'threshold: auto' went non-finite at step {steps + 1}; the "
                       f"auto ranges come from its first {steps} steps.", RuntimeWarning,
                       stacklevel=3)
-    stats = summarize(record)
+    used = healthy_steps(record["global_norm"])
+    stats = summarize({key: record[key][:used] for key in ("global_norm", "tensor_norms",
+                                                             "max_abs")})
     ranges = auto_ranges(stats, space.auto_modes)
-    info = {"steps": steps, "seconds": round(seconds, 4), "stopped": record["stopped"], **stats,
+    info = {"steps": steps, "steps_used": used, "seconds": round(seconds, 4),
+            "stopped": record["stopped"], **stats,
             "ranges": {m.value: [r.low, r.high] for m, r in ranges.items()}, "rule": RULE}
     return ranges, info
 
@@ -130,8 +148,10 @@ def describe(info: dict[str, Any]) -> str:
     """One line: the resolved ranges and what the probe saw and cost."""
     ranges = ", ".join(f"{mode} [{low:.3g}, {high:.3g}]" for mode, (low, high)
                        in info["ranges"].items())
+    used = info.get("steps_used", info["steps"])
     return (f"{ranges} (probe without clipping: {info['steps']} steps in {info['seconds']:.2f} s, "
-            f"stopped at {info['stopped']}; mean global norm {info['global_norm_mean']:.4g})")
+            f"stopped at {info['stopped']}; mean global norm {info['global_norm_mean']:.4g} over "
+            f"its first {used} steps)")
 
 
 def job_params(info: dict[str, Any] | None) -> dict[str, Any]:

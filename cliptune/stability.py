@@ -85,8 +85,8 @@ class StabilityPruner(BasePruner):
 
     Args:
         pruner: Pruner for unpromising trials; ``MedianPruner(n_startup_trials=5,
-            n_warmup_steps=2)`` by default. Pass ``optuna.pruners.NopPruner()`` to keep only the
-            stability rules.
+            n_warmup_steps=1)`` by default (no verdict on a first, noisy epoch). Pass
+            ``optuna.pruners.NopPruner()`` to keep only the stability rules.
         rules: The stability thresholds, or ``None`` to switch the stability rules off.
 
     Example:
@@ -103,7 +103,7 @@ class StabilityPruner(BasePruner):
             raise TypeError("The 'rules' parameter of StabilityPruner must be StabilityRules or "
                             f"None. Got {type(rules).__name__} instead.")
         self.pruner = pruner if pruner is not None else MedianPruner(n_startup_trials=5,
-                                                                     n_warmup_steps=2)
+                                                                     n_warmup_steps=1)
         self.rules = rules
 
     def prune(self, study: optuna.Study, trial: optuna.trial.FrozenTrial) -> bool:

@@ -199,3 +199,11 @@ def test_keras_probe_sees_the_same_gradient() -> None:
     assert record["global_norm"][0] == pytest.approx(math.sqrt(float(gw @ gw) + gb * gb), rel=1e-5)
     assert record["tensor_norms"][0] == pytest.approx([np.linalg.norm(gw), abs(gb)], rel=1e-5)
     assert record["max_abs"][0] == pytest.approx(max(np.abs(gw).max(), abs(gb)), rel=1e-5)
+
+
+def test_only_the_steps_before_the_gradients_explode_count() -> None:
+    from cliptune.probe import healthy_steps
+
+    assert healthy_steps([3.9, 16.0, 106.0, 2.4e3, 3e18]) == 2  # 106 > 10 x median(3.9, 16)
+    assert healthy_steps([1.0, 2.0, 1.5, 9.0, 1.2]) == 5  # noisy, never a 10x jump
+    assert healthy_steps([5.0]) == 1
