@@ -8,18 +8,16 @@ sends values in batches: a run's metrics, params and tags go out in one ``log_ba
 
 from __future__ import annotations
 
-import contextlib
 import math
 import sys
 import tempfile
 import time
 import warnings
-from collections.abc import Iterator
-from contextlib import contextmanager
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 from urllib.parse import urlsplit
 
+from cliptune._mlflow_store import probe_server, sqlite_lock
 from cliptune.storage import mask_url, retry_schema_races
 
 if TYPE_CHECKING:
@@ -185,8 +183,8 @@ class MlflowTracker(Tracker):
             self.tracking_uri = (mlflow.get_tracking_uri() if mlflow.is_tracking_uri_set()
                                  else f"sqlite:///{Path.cwd() / 'mlflow.db'}")
         if urlsplit(self.tracking_uri).scheme in ("http", "https"):
-            _probe_server(self.tracking_uri)
-        with _sqlite_lock(self.tracking_uri):  # MLflow migrates a fresh store on first use
+            probe_server(self.tracking_uri)
+        with sqlite_lock(self.tracking_uri):  # MLflow migrates a fresh store on first use
             self.client = mlflow.MlflowClient(tracking_uri=self.tracking_uri)
             found = self.client.get_experiment_by_name(self.experiment)
         if found is not None and found.lifecycle_stage == "deleted":
@@ -245,35 +243,15 @@ class MlflowTracker(Tracker):
 
     def _model_refit(self, model: Any, framework: str, sample: Any, output: Any,
                      tags: dict[str, str]) -> None:
-        """``mlflow.pytorch``/``mlflow.keras.log_model`` into the parent run (the fluent API needs
-        it active; MLflow's own context restores the global tracking URI afterwards)."""
-        import importlib
-        import importlib.metadata
-
-        import mlflow
         from mlflow.entities import RunTag
-        from mlflow.models import infer_signature
-        from mlflow.tracking._tracking_service.utils import _use_tracking_uri
 
-        name, packages, extra = {  # pickle: any module loads back, no example input needed
-            "torch": ("pytorch", [("torch",)], {"serialization_format": "pickle"}),
-            "keras": ("keras", [("keras",), ("tensorflow", "tensorflow-cpu")], {})}[framework]
-        flavor = importlib.import_module(f"mlflow.{name}")
-        pins = []  # pinned here, so MLflow does not infer them in a slow subprocess
-        for candidates in packages:
-            for dist in candidates:
-                with contextlib.suppress(importlib.metadata.PackageNotFoundError):
-                    pins.append(f"{dist}=={importlib.metadata.version(dist)}")
-                    break
-        signature = None if sample is None else infer_signature(sample, output)
-        with _use_tracking_uri(self.tracking_uri), mlflow.start_run(
-                run_id=self.parent_id, nested=mlflow.active_run() is not None):
-            info = flavor.log_model(model, name="model", signature=signature, pip_requirements=pins,
-                                    **extra)
+        from cliptune._mlflow_model import log_model
+
+        uri, flavor = log_model(self.tracking_uri, self.parent_id, model, framework, sample, output)
         self._send(self.parent_id, tags=[RunTag(k, v) for k, v in
-                                         {**tags, "cliptune.model_uri": info.model_uri}.items()])
-        print(f"cliptune: the refit model is logged as {info.model_uri} (load it with "
-              f"mlflow.{name}.load_model)", file=sys.stderr)
+                                         {**tags, "cliptune.model_uri": uri}.items()])
+        print(f"cliptune: the refit model is logged as {uri} (load it with "
+              f"mlflow.{flavor}.load_model)", file=sys.stderr)
 
     def _finish(self, study: optuna.Study) -> None:
         from mlflow.entities import Metric, Param, RunTag
@@ -337,36 +315,3 @@ class MlflowTracker(Tracker):
         print(f"cliptune: {what} MLflow experiment {self.experiment!r} at "
               f"{mask_url(self.tracking_uri)}{hint}\n  runs table: {runs}\n"
               f"  this job:   {runs}/{self.parent_id}", file=sys.stderr)
-
-
-@contextmanager
-def _sqlite_lock(uri: str) -> Iterator[None]:
-    """Hold a file lock beside a sqlite store: processes that open a brand-new store together
-    would otherwise run MLflow's schema migrations at once and break each other's."""
-    if not uri.startswith("sqlite:///"):
-        yield
-        return
-    import fcntl
-
-    path = Path(uri.removeprefix("sqlite:///") + ".lock")
-    path.parent.mkdir(parents=True, exist_ok=True)
-    with open(path, "a") as handle:
-        fcntl.flock(handle, fcntl.LOCK_EX)
-        try:
-            yield
-        finally:
-            fcntl.flock(handle, fcntl.LOCK_UN)
-
-
-def _probe_server(uri: str, timeout: float = 5.0) -> None:
-    """Fail fast on an unreachable server (MLflow's own client retries for minutes)."""
-    from urllib.error import HTTPError
-    from urllib.request import urlopen
-
-    try:
-        with urlopen(f"{uri.rstrip('/')}/health", timeout=timeout):
-            pass
-    except HTTPError:
-        pass  # something answered: MLflow's own calls will tell what is wrong
-    except OSError as exc:
-        raise ConnectionError(f"no MLflow server answers at {uri} ({exc})") from None
