@@ -302,7 +302,8 @@ def test_tune_with_the_adaptive_space_runs_every_mode() -> None:
         study.enqueue_trial(params)
     result = tune(_torch_model, regression_data(n=96), search_space="adaptive", epochs=2,
                   batch_size=16, n_trials=len(space.modes), seed=0, storage=storage,
-                  study_name="adaptive", tracking=False, show_progress=False)
+                  study_name="adaptive", tracking=False, show_progress=False,
+                  pruner=optuna.pruners.NopPruner())  # every mode trains to the end
     frame = result.trials_dataframe()
     assert sorted(frame.clip_mode) == sorted(m.value for m in space.modes)
     assert (frame.state == "COMPLETE").all()
@@ -315,7 +316,8 @@ def test_tune_keras_runs_the_adaptive_modes() -> None:
                                      "zclip": {"threshold": {"choices": [2.5]}}}}
     result = tune(_dense_model, regression_data(n=64), search_space=space, epochs=2,
                   batch_size=16, n_trials=3, seed=0, tracker=Tracker(), show_progress=False,
-                  sampler=optuna.samplers.BruteForceSampler(seed=0))
+                  sampler=optuna.samplers.BruteForceSampler(seed=0),
+                  pruner=optuna.pruners.NopPruner())
     frame = result.trials_dataframe()
     assert sorted(frame.clip_mode) == ["agc", "autoclip", "zclip"]
     assert (frame.state == "COMPLETE").all()
