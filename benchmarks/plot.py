@@ -37,9 +37,11 @@ SECTIONS = [  # (result name, columns shown), in the order of ``python -m benchm
 ]
 NOTES: dict[str, str] = {  # section name (or "summary") -> Markdown, written after a run
     "summary": """\
-The machine is a 2-core VM shared with other jobs while these ran (load average 3 to 4), so
-wall-clock figures that wait on the disk (SQLite, MLflow) move by 2x from run to run; the CPU-bound
-comparisons are interleaved and, for the training loops, timed in the process's CPU time.""",
+The machine is a 2-core VM, shared with other jobs while most of these ran (load average 3 to 4;
+tuner_overhead, pruning_savings and parallel_scaling were re-run on a quiet machine, load under
+1), so wall-clock figures that wait on the disk (SQLite, MLflow) move by 2x from run to run; the
+CPU-bound comparisons are interleaved and, for the training loops, timed in the process's CPU
+time.""",
     "clip_kernels": """\
 **Value mode misses its target** (about 1.0-1.1x torch's `clip_grad_value_` at 10M instead of
 0.6x; about 2-3x, +0.4 ms, at 1M). The target assumed a clamp alone: torch's foreach
@@ -65,28 +67,35 @@ floor: earlier runs measured 1.00-1.03.""",
     "tuner_overhead": """\
 **The 20 ms and 60 ms targets are missed**, mostly by Optuna's and MLflow's own costs on this
 disk. The direct measurements: the three MLflow calls of a tracked trial alone (`mlflow_ms`:
-create the nested run, one `log_batch`, terminate; a sqlite transaction each) take 22-38 ms here
-and up to 90 ms under heavier load (the issue measured ~13 ms), already over 20 ms; a bare
-Optuna loop on SQLite replaying the same reports and `should_prune` calls (`optuna_ms`) takes
-47-100 ms. On in-memory and journal storages the residual is within the noise (it swings both
-ways). **On SQLite it is not: about 35 ms a trial is cliptune's multi-worker bookkeeping**, which a
-profile attributes to a read of all trials before each trial (the surplus check of
-`cliptune/runner.py`) and after it (the shared study total), and the Optuna heartbeat that
-`tune()` turns on for storage URLs (a write when each trial starts); each is a SQLite round trip,
-and the reads grow with the study. A single-worker job could skip them. cliptune's own Python
-(`cliptune_own_ms`, profiled self time, an upper bound) is 0.3-0.6 ms a trial without tracking and
-0.9-1.2 ms with MLflow tracking (the tracker's metric objects) across runs: at the 1 ms target.""",
+create the nested run, one `log_batch`, terminate; a sqlite transaction each) take 22-24 ms here
+(up to 90 ms under heavier load; the issue measured ~13 ms), already over 20 ms; a bare Optuna
+loop on SQLite replaying the same reports and `should_prune` calls (`optuna_ms`) takes 45-60 ms.
+Since the first run, the worker loop of `cliptune/runner.py` reads all trials only when the study
+nears its total (a cheap `get_n_trials` count otherwise), which took SQLite from 107 to 85 ms a
+trial with tracking; the residual left on SQLite (13-17 ms) is mostly the Optuna heartbeat that
+`tune()` turns on for storage URLs, which is what lets a rerun finish a crashed job. cliptune's own
+Python (`cliptune_own_ms`, profiled self time, an upper bound) is 0.25 ms a trial without
+tracking and 0.8 ms with MLflow tracking: under the 1 ms target.""",
+    "parallel_scaling": """\
+**Missed: 2 workers run 1.58x the trials per minute of the best single worker (target 1.7x)**,
+on 96 trials of the adding problem (`python -m benchmarks parallel_scaling`; with 32 trials it
+was 1.29x). The second worker is a spawned process that imports torch, cliptune and the job
+before its first trial, about 3 s in which only the first worker trains; both then share one
+SQLite file, whose writes (trial state, reports, heartbeats) take the database lock in turn; and
+at the end the first worker to finish waits for the other's last trial. A single worker gains
+nothing from a second torch thread on this small RNN (0.88x): processes are the way to use the
+cores. Longer jobs, and a server database such as PostgreSQL, should come closer to 2x.""",
     "pruning_savings": """\
-**Missed: the default pruning runs 0.64-0.81 of the steps of no pruning (target 0.6), at no cost
-in the best value (equal, or better on deep_tanh).** Two reasons. Most of the savings come from
-the MedianPruner, which by default waits 2 warm-up epochs, so a pruned trial still runs at least
-3 of its 6 epochs: even pruning every trial after the 5 startup ones would give
-(5x6 + 25x3) / (30x6) = 0.58. And the stability rules fire only on NaN or a 10x divergence,
-while these nets mostly fail without either: the IRNNs' ReLUs die and the loss plateaus at
-the mean predictor (adding) or at chance (digits), which only the MedianPruner sees. Where the
-loss does turn NaN (deep_tanh), the rules stop 6 trials at once, and they also steer the search:
-without them an exploded trial ends FAIL, which TPE ignores, so the unpruned study kept sampling
-"no clip" (20 of its 30 trials failed), and found a worse best value than the pruned ones.""",
+**Missed: the default pruning runs 0.58-0.76 of the steps of no pruning (median 0.70 over the
+three tasks; target 0.6), at no cost in the best value (equal within 0.2%, and 13% better on
+deep_tanh).** Most of the savings come from the MedianPruner, which now waits one warm-up epoch
+(it waited two in the first run, which gave 0.76/0.81), so a pruned trial still runs at least 2
+of its 6 epochs. The stability rules fire only on NaN or a 10x divergence, while these nets mostly
+fail without either: the IRNNs' ReLUs die and the loss plateaus at the mean predictor (adding) or
+at chance (digits), which only the MedianPruner sees. Where the loss does turn NaN (deep_tanh),
+the rules stop those trials at once (6 of 30) and also steer the search: without them an
+exploded trial ends FAIL (its value is NaN), which TPE ignores, so the unpruned study kept
+sampling "no clip" (20 of its 30 trials failed) and found a worse best value.""",
     "search_quality": """\
 **Missed on digits_rows (1.23x) and at the limit on adding_irnn (1.05x): tune()'s 20 trials do
 not reach within 1.05x of the grid's best on every task.** Part of it is luck in the oracle: a
