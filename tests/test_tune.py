@@ -112,6 +112,7 @@ X_NAN[3, 1] = np.nan
     ({"metric": "val_acc"}, ValueError, "unknown 'metric' value 'val_acc'"),
     ({"objective": "mean"}, ValueError, "unknown 'objective' value 'mean'"),
     ({"val_fraction": 1.5}, ValueError, "'val_fraction' parameter of tune must be a float in"),
+    ({"device": "gpu0"}, ValueError, "'device' parameter of tune must be a torch device"),
 ])
 def test_bad_input_fails_before_any_trial(tmp_path: Path, kwargs: dict[str, Any], error: type,
                                           message: str) -> None:
@@ -212,3 +213,9 @@ def test_import_cliptune_loads_no_framework() -> None:
             "('torch', 'tensorflow', 'keras', 'mlflow')))")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert out.stdout.strip() == "[]"
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="this machine has a CUDA device")
+def test_cuda_without_a_gpu_is_a_clear_error() -> None:
+    with pytest.raises(ValueError, match="device='cuda' was asked for, but this torch"):
+        _tune(device="cuda")

@@ -115,6 +115,7 @@ class TorchBackend:
 
     def check(self, model_fn: Callable[..., Any], extras: dict[str, Any], splits: Splits,
               settings: TrainSettings) -> None:
+        _check_device(settings.device)
         model = build_model(model_fn, extras).to(settings.device)
         loss_fn = make_loss(settings.loss)
         make_optimizer(settings.optimizer, list(model.parameters()), settings.lr, extras)
@@ -196,6 +197,19 @@ class TorchBackend:
         from cliptune.backends._torch_tools import sample_inputs
 
         return sample_inputs(data, n)
+
+
+def _check_device(device: str) -> None:
+    """A device torch knows and this machine has, before any work."""
+    try:
+        kind = torch.device(device).type
+    except (RuntimeError, TypeError):
+        raise ValueError("The 'device' parameter of tune must be a torch device such as 'cpu', "
+                         f"'cuda' or 'cuda:1'. Got {device!r} instead.") from None
+    available = {"cuda": torch.cuda.is_available, "mps": torch.backends.mps.is_available}
+    if kind in available and not available[kind]():
+        raise ValueError(f"device={device!r} was asked for, but this torch ({torch.__version__}) "
+                         f"has no {kind} device here. Use device='cpu'.")
 
 
 def _flush(pending: list[torch.Tensor], monitor: TrialMonitor) -> None:
