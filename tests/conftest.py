@@ -32,6 +32,17 @@ def _isolated_cwd(tmp_path, monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
 
 
+def pin_tensorflow_threads() -> None:
+    """torch beside TF on 2 cores: one thread each, set before TF runs its first op."""
+    import tensorflow as tf
+
+    try:
+        tf.config.threading.set_intra_op_parallelism_threads(1)
+        tf.config.threading.set_inter_op_parallelism_threads(1)
+    except RuntimeError:  # TF was already initialised by an earlier test module
+        pass
+
+
 def regression_data(n: int = 256, d: int = 4, seed: int = 0) -> tuple[np.ndarray, np.ndarray]:
     """A small linear-regression task: y = X w + noise."""
     rng = np.random.default_rng(seed)

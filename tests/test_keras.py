@@ -20,13 +20,9 @@ from cliptune.backends import TrainSettings, framework_of  # noqa: E402
 from cliptune.backends._keras import BACKEND, _changed, keras_optimizer  # noqa: E402
 from cliptune.backends._torch_clip import clip_tensors_  # noqa: E402
 from cliptune.data import make_splits  # noqa: E402
-from tests.conftest import regression_data  # noqa: E402
+from tests.conftest import pin_tensorflow_threads, regression_data  # noqa: E402
 
-try:  # torch beside TF on 2 cores: one thread each, set before TF runs its first op
-    tf.config.threading.set_intra_op_parallelism_threads(1)
-    tf.config.threading.set_inter_op_parallelism_threads(1)
-except RuntimeError:  # TF was already initialised by an earlier test module
-    pass
+pin_tensorflow_threads()
 
 MODES = ("none", "value", "norm", "global_norm")
 
