@@ -282,7 +282,9 @@ _TUNE_ARGS = tuple(inspect.signature(tune).parameters)
 def _worker_kwargs(scope: dict[str, Any]) -> dict[str, Any]:
     """tune()'s own arguments, for a worker process (which checks nothing twice and shows no bar)."""
     kwargs = {name: scope[name] for name in _TUNE_ARGS if name != "_worker_index"}
-    kwargs.update(n_jobs=1, show_progress=False, callbacks=None, refit=False)
+    splits = scope["splits"]  # the same split, and no scikit-learn import in each worker
+    kwargs.update(data=(splits.train, splits.val), n_jobs=1, show_progress=False, callbacks=None,
+                  refit=False)
     return kwargs
 
 
