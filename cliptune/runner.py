@@ -34,6 +34,7 @@ from cliptune.storage import (
 from cliptune.tracking import Tracker
 
 SURPLUS_ATTR = "cliptune.surplus"
+_QUIET_WAIT_S = 5.0  # a worker's last wait for the others is only worth a word when it is long
 Callback = Callable[[optuna.Study, FrozenTrial], None]
 
 
@@ -135,7 +136,7 @@ class TrialRunner:
         chain: list[Callback] = [self._after_trial, *callbacks]
         if bar is not None:
             chain.append(lambda s, t: _advance(bar, s, self.total))
-        told = False
+        told, waited_since = False, 0.0
         try:
             while True:
                 if self.heartbeat is not None:
@@ -156,7 +157,8 @@ class TrialRunner:
                     return
                 if bar is not None:
                     _advance(bar, study, self.total)
-                if not told:
+                waited_since = waited_since or time.monotonic()
+                if not told and time.monotonic() - waited_since > _QUIET_WAIT_S:
                     print(f"cliptune: waiting for {running} running trial(s) of other workers "
                           "(a dead worker's trial is failed and retried after the heartbeat grace "
                           "period).", file=sys.stderr)

@@ -13,6 +13,7 @@ from __future__ import annotations
 import os
 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")  # before TensorFlow loads: no start-up lines
+os.environ.setdefault("TF_ENABLE_ONEDNN_OPTS", "0")  # (both are needed for a silent import)
 
 import keras
 import numpy as np
