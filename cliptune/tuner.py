@@ -99,7 +99,7 @@ def _model_name(model_fn: Callable[..., Any]) -> str:
     return getattr(model_fn, "__qualname__", None) or type(model_fn).__name__
 
 
-def _probe_backend(model_fn: Callable[..., Any], space: SearchSpace) -> str:
+def _probe_backend(model_fn: Callable[..., Any], space: SearchSpace) -> tuple[str, Any]:
     """Call the factory once to learn its framework (and catch a bad factory early)."""
     if not callable(model_fn):
         raise TypeError("The 'model_fn' parameter of tune must be a callable returning a fresh "
@@ -113,7 +113,7 @@ def _probe_backend(model_fn: Callable[..., Any], space: SearchSpace) -> str:
     if framework is None:
         raise TypeError("model_fn must return a torch.nn.Module or a Keras model. "
                         f"Got {type(model).__name__} instead.")
-    return framework
+    return framework, model
 
 
 def tune(
@@ -226,12 +226,13 @@ def tune(
     job_tracker = make_tracker(tracking, tracking_uri, experiment, tracker)
     space = SearchSpace.resolve(search_space)
     splits = make_splits(data, val_fraction, seed)
-    framework = _probe_backend(model_fn, space)
+    framework, first_model = _probe_backend(model_fn, space)
     backend = get_backend(framework)
     threads = threads_per_worker(n_jobs) if n_jobs > 1 else None
     settings = TrainSettings(loss, optimizer, float(lr), epochs, batch_size, device, seed, threads)
     if not _worker_index:
-        backend.check(model_fn, space.default_extras(), splits, settings)
+        backend.check(model_fn, space.default_extras(), splits, settings, model=first_model)
+    del first_model  # not kept alive through the study
     if n_jobs > 1 and storage is None:
         return _tune_in_memory_by_workers(locals())
     opened = open_storage(storage, heartbeat)

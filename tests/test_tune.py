@@ -73,7 +73,8 @@ def test_one_argument_factory_receives_the_extras() -> None:
                         "lr": {"low": 0.001, "high": 0.1, "log": True}}}
     result = _tune(make, search_space=space, n_trials=3)
     assert seen[0] == {"hidden": 5, "lr": pytest.approx(0.01)}  # the pre-study check
-    assert [s["hidden"] for s in seen[-3:]] == [t.params["hidden"] for t in result.study.trials]
+    assert len(seen) == 4  # the factory runs once before the study, then once a trial
+    assert [s["hidden"] for s in seen[1:]] == [t.params["hidden"] for t in result.study.trials]
     assert set(result.best_extras) == {"hidden", "lr"}
 
 
@@ -127,7 +128,7 @@ def test_a_failing_trial_is_recorded_and_the_study_goes_on() -> None:
 
     def flaky() -> nn.Module:
         calls["n"] += 1
-        if calls["n"] == 4:  # calls 1-2 are the pre-study check; the second trial fails
+        if calls["n"] == 3:  # call 1 is the pre-study check; the second trial fails
             raise RuntimeError("out of memory (simulated)")
         return linear()
 
@@ -144,11 +145,11 @@ def test_every_trial_failing_raises_with_the_first_error() -> None:
 
     def broken() -> nn.Module:
         calls["n"] += 1
-        if calls["n"] > 2:  # let the pre-study check pass
+        if calls["n"] > 1:  # let the pre-study check pass
             raise RuntimeError(f"boom {calls['n']}")
         return linear()
 
-    with pytest.raises(RuntimeError, match="All 3 trials failed; the first error was: RuntimeError: boom 3"):
+    with pytest.raises(RuntimeError, match="All 3 trials failed; the first error was: RuntimeError: boom 2"):
         _tune(broken, n_trials=3)
 
 

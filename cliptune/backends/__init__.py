@@ -33,8 +33,10 @@ class Backend(Protocol):
     name: str
 
     def check(self, model_fn: Callable[..., Any], extras: dict[str, Any], splits: Splits,
-              settings: TrainSettings) -> None:
-        """One forward/backward pass on one batch, turning framework errors into clear ones."""
+              settings: TrainSettings, model: Any = None) -> None:
+        """One forward/backward pass on one batch, turning framework errors into clear ones.
+
+        ``model``: one the factory has just returned, so that it is not built twice."""
 
     def train(self, model_fn: Callable[..., Any], splits: Splits, clip: ClipConfig,
               extras: dict[str, Any], settings: TrainSettings, monitor: TrialMonitor,

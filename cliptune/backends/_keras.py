@@ -145,10 +145,13 @@ def make_loss(loss: str | Callable[..., Any] | None, model: keras.Model) -> Any:
     return _LOSSES[loss]()
 
 
-def build_model(model_fn: Callable[..., Any], extras: dict[str, Any]) -> keras.Model:
-    """Call the factory (with the extras when it takes an argument) and check what it returns."""
-    takes_extras = bool(inspect.signature(model_fn).parameters)
-    model = model_fn(dict(extras)) if takes_extras else model_fn()
+def build_model(model_fn: Callable[..., Any], extras: dict[str, Any],
+                model: Any = None) -> keras.Model:
+    """Call the factory (with the extras when it takes an argument), or take a ``model`` it has
+    just returned, and check it."""
+    if model is None:
+        takes_extras = bool(inspect.signature(model_fn).parameters)
+        model = model_fn(dict(extras)) if takes_extras else model_fn()
     if not isinstance(model, keras.Model):
         raise TypeError("model_fn must return a Keras 3 model (keras.Model) or a torch.nn.Module. "
                         f"Got {type(model).__name__} instead.")
@@ -297,9 +300,9 @@ class KerasBackend:
     name = "keras"
 
     def check(self, model_fn: Callable[..., Any], extras: dict[str, Any], splits: Splits,
-              settings: TrainSettings) -> None:
+              settings: TrainSettings, model: Any = None) -> None:
         _size_thread_pools(settings.threads)
-        model = build_model(model_fn, extras)
+        model = build_model(model_fn, extras, model)
         # A clip that sets an argument, so a factory that drops it fails here, before the study.
         compile_model(model, ClipConfig("global_norm", 1.0), extras, settings)
         train, _ = _datasets(splits, settings, seed=None)

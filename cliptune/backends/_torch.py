@@ -33,10 +33,13 @@ _OPTIMIZERS: dict[str, Callable[..., torch.optim.Optimizer]] = {
 _SYNC_EVERY = 16  # steps between reads of the step statistics off an accelerator
 
 
-def build_model(model_fn: Callable[..., Any], extras: dict[str, Any]) -> nn.Module:
-    """Call the factory (with the extras when it takes an argument) and check what it returns."""
-    takes_extras = bool(inspect.signature(model_fn).parameters)
-    model = model_fn(dict(extras)) if takes_extras else model_fn()
+def build_model(model_fn: Callable[..., Any], extras: dict[str, Any],
+                model: Any = None) -> nn.Module:
+    """Call the factory (with the extras when it takes an argument), or take a ``model`` it has
+    just returned, and check it."""
+    if model is None:
+        takes_extras = bool(inspect.signature(model_fn).parameters)
+        model = model_fn(dict(extras)) if takes_extras else model_fn()
     if not isinstance(model, nn.Module):
         raise TypeError("model_fn must return a torch.nn.Module (or a Keras model). "
                         f"Got {type(model).__name__} instead.")
@@ -114,9 +117,9 @@ class TorchBackend:
         return splits.train, splits.val
 
     def check(self, model_fn: Callable[..., Any], extras: dict[str, Any], splits: Splits,
-              settings: TrainSettings) -> None:
+              settings: TrainSettings, model: Any = None) -> None:
         _check_device(settings.device)
-        model = build_model(model_fn, extras).to(settings.device)
+        model = build_model(model_fn, extras, model).to(settings.device)
         loss_fn = make_loss(settings.loss)
         make_optimizer(settings.optimizer, list(model.parameters()), settings.lr, extras)
         train, _ = self._prepare(splits, settings)
