@@ -13,7 +13,7 @@ import optuna
 from optuna.trial import TrialState
 
 from cliptune._errors import check_positive_float, check_positive_int, unknown_name
-from cliptune.backends import TrainSettings, framework_of, get_backend
+from cliptune.backends import TrainSettings, call_factory, framework_of, get_backend
 from cliptune.config import ClipConfig
 from cliptune.data import make_splits
 from cliptune.parallel import run_workers, threads_per_worker
@@ -108,7 +108,7 @@ def _probe_backend(model_fn: Callable[..., Any], space: SearchSpace) -> tuple[st
     if n_args > 1:
         raise TypeError("model_fn must take no argument or one (the dict of co-tuned extras). "
                         f"It takes {n_args}.")
-    model = model_fn(space.default_extras()) if n_args else model_fn()
+    model = call_factory(model_fn, space.default_extras())
     framework = framework_of(model)
     if framework is None:
         raise TypeError("model_fn must return a torch.nn.Module or a Keras model. "
@@ -223,6 +223,8 @@ def tune(
     if heartbeat is not None and not isinstance(heartbeat, Heartbeat):
         raise TypeError("The 'heartbeat' parameter of tune must be a cliptune Heartbeat or None. "
                         f"Got {type(heartbeat).__name__} instead.")
+    if n_jobs > 1 and storage is None:  # before any work: the call it makes does it all once
+        return _tune_in_memory_by_workers(locals())
     job_tracker = make_tracker(tracking, tracking_uri, experiment, tracker)
     space = SearchSpace.resolve(search_space)
     splits = make_splits(data, val_fraction, seed)
@@ -233,8 +235,6 @@ def tune(
     if not _worker_index:
         backend.check(model_fn, space.default_extras(), splits, settings, model=first_model)
     del first_model  # not kept alive through the study
-    if n_jobs > 1 and storage is None:
-        return _tune_in_memory_by_workers(locals())
     opened = open_storage(storage, heartbeat)
 
     stability_pruner = _build_pruner(pruner)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import importlib
+import inspect
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Protocol
@@ -56,6 +57,11 @@ class Backend(Protocol):
 
     def sample_inputs(self, data: Any, n: int = 5) -> Any:
         """A few input rows of a split as a numpy array (for a model signature), or None."""
+
+
+def call_factory(model_fn: Callable[..., Any], extras: dict[str, Any]) -> Any:
+    """A fresh model from ``model_fn``, given the co-tuned extras when it takes an argument."""
+    return model_fn(dict(extras)) if inspect.signature(model_fn).parameters else model_fn()
 
 
 _BACKENDS = {"torch": "cliptune.backends._torch", "keras": "cliptune.backends._keras"}

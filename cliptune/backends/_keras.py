@@ -32,7 +32,6 @@ from __future__ import annotations
 
 import contextlib
 import functools
-import inspect
 import re
 from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
@@ -42,6 +41,7 @@ import numpy as np
 import tensorflow as tf
 
 from cliptune._errors import unknown_name
+from cliptune.backends import call_factory
 from cliptune.config import ClipConfig, ClipMode
 
 if TYPE_CHECKING:
@@ -150,8 +150,7 @@ def build_model(model_fn: Callable[..., Any], extras: dict[str, Any],
     """Call the factory (with the extras when it takes an argument), or take a ``model`` it has
     just returned, and check it."""
     if model is None:
-        takes_extras = bool(inspect.signature(model_fn).parameters)
-        model = model_fn(dict(extras)) if takes_extras else model_fn()
+        model = call_factory(model_fn, extras)
     if not isinstance(model, keras.Model):
         raise TypeError("model_fn must return a Keras 3 model (keras.Model) or a torch.nn.Module. "
                         f"Got {type(model).__name__} instead.")

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import inspect
 from collections.abc import Callable, Iterator
 from typing import TYPE_CHECKING, Any
 
@@ -11,6 +10,7 @@ import torch
 from torch import nn
 
 from cliptune._errors import unknown_name
+from cliptune.backends import call_factory
 from cliptune.backends._torch_adaptive import Clipper
 
 if TYPE_CHECKING:
@@ -38,8 +38,7 @@ def build_model(model_fn: Callable[..., Any], extras: dict[str, Any],
     """Call the factory (with the extras when it takes an argument), or take a ``model`` it has
     just returned, and check it."""
     if model is None:
-        takes_extras = bool(inspect.signature(model_fn).parameters)
-        model = model_fn(dict(extras)) if takes_extras else model_fn()
+        model = call_factory(model_fn, extras)
     if not isinstance(model, nn.Module):
         raise TypeError("model_fn must return a torch.nn.Module (or a Keras model). "
                         f"Got {type(model).__name__} instead.")
