@@ -7,17 +7,21 @@ from __future__ import annotations
 
 from typing import Any
 
+from cliptune._errors import UsageError
 from cliptune.config import ClipConfig, ClipMode
+from cliptune.result import TuneResult
 from cliptune.space import SearchSpace, shipped_spaces
 from cliptune.stability import StabilityPruner, StabilityRules, TrialMonitor
+from cliptune.storage import Heartbeat
 from cliptune.tracking import MlflowTracker, Tracker
-from cliptune.tuner import TuneResult, tune
+from cliptune.trial import Trial
+from cliptune.tuner import tune, tune_loop
 
 __version__ = "0.1.0"
 
 _LAZY = {"Clipper": "cliptune.backends._torch_adaptive",
          "clip_grads_": "cliptune.backends._torch_clip",
-         "keras_optimizer": "cliptune.backends._keras"}
+         "keras_optimizer": "cliptune.backends._keras_optimizer"}
 
 
 def __getattr__(name: str) -> Any:
@@ -33,15 +37,19 @@ __all__ = [
     "ClipConfig",
     "ClipMode",
     "Clipper",
+    "Heartbeat",
     "MlflowTracker",
     "SearchSpace",
     "StabilityPruner",
     "StabilityRules",
     "Tracker",
+    "Trial",
     "TrialMonitor",
     "TuneResult",
+    "UsageError",
     "clip_grads_",
     "keras_optimizer",
     "shipped_spaces",
     "tune",
+    "tune_loop",
 ]

@@ -42,7 +42,7 @@ examples:
 _BEST = """\
 examples:
   cliptune best examples/adding_rnn.yaml > best_clip.yaml     # ClipConfig.from_yaml reads it
-  cliptune best --study adding_rnn --format json
+  cliptune best --study adding-rnn --format json
   cliptune best --storage sqlite:///optuna.db --study my-study"""
 
 _REPORT = """\
@@ -50,7 +50,7 @@ writes trials.csv and the plots (PNG) to DIR; needs no MLflow.
 
 examples:
   cliptune report examples/adding_rnn.yaml --out report/
-  cliptune report --study adding_rnn --out report/"""
+  cliptune report --study adding-rnn --out report/"""
 
 _SPACES = """\
 examples:
@@ -87,8 +87,8 @@ def _tune_options(parser: argparse.ArgumentParser) -> None:
                       help="override a job key, e.g. optimizer.lr=0.1 (repeatable)")
     parser.add_argument("--no-tracking", action="store_true", help="record nothing in MLflow")
 
-    parser.add_argument("--workers", type=int, default=1, metavar="N",
-                        help="worker processes on this machine (default: 1)")
+    parser.add_argument("--workers", type=int, metavar="N",
+                        help="worker processes on this machine (workers; default: 1)")
 
 
 def build_parser(commands: dict[str, Callable[[argparse.Namespace], int]]) -> argparse.ArgumentParser:

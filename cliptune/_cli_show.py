@@ -7,8 +7,8 @@ from typing import TYPE_CHECKING, Any
 
 import yaml
 
+from cliptune._study import JOB_ATTR
 from cliptune.config import ClipConfig, ClipMode
-from cliptune.jobs import JobSpec
 from cliptune.probe import PROBE_ATTR, describe
 
 if TYPE_CHECKING:
@@ -41,14 +41,21 @@ def _short(value: Any) -> Any:
     return float(f"{value:.4g}") if isinstance(value, float) else value
 
 
-def _one_liners(result: TuneResult, spec: JobSpec | None) -> dict[str, str]:
+def _optimizer(result: TuneResult) -> tuple[str | None, Any]:
+    """The job's optimizer name and learning rate, as its study recorded them."""
+    job = result.study.user_attrs.get(JOB_ATTR) or {}
+    return job.get("optimizer"), job.get("lr")
+
+
+def _one_liners(result: TuneResult) -> dict[str, str]:
     """How to apply the best clip in torch and in Keras, ready to paste."""
     if result.best_config is None:
         raise ValueError(f"Study {result.study.study_name!r} has no completed trial yet.")
     clip = ClipConfig(result.best_config.mode, _short(result.best_config.threshold))
     torch_line = f"cliptune.clip_grads_(model.parameters(), {clip!r})"
-    lr = _short(result.best_extras.get("lr", spec.optimizer.lr if spec else None))
-    name = _KERAS_OPTIMIZERS.get(spec.optimizer.name.lower(), "Adam") if spec else "Adam"
+    optimizer, job_lr = _optimizer(result)
+    lr = _short(result.best_extras.get("lr", job_lr))
+    name = _KERAS_OPTIMIZERS.get(str(optimizer).lower(), "Adam")
     args = [f"learning_rate={lr!r}" if lr is not None else "..."]
     if clip.mode.adaptive:  # stateful: one Clipper (or optimizer) for the whole training run
         torch_line = (f"clipper = cliptune.Clipper({clip!r})  # once; each step: "
@@ -62,7 +69,7 @@ def _one_liners(result: TuneResult, spec: JobSpec | None) -> dict[str, str]:
     return {"torch": torch_line, "keras": keras_line}
 
 
-def best_document(result: TuneResult, spec: JobSpec | None) -> dict[str, Any]:
+def best_document(result: TuneResult) -> dict[str, Any]:
     """The best config as written by ``ClipConfig.to_yaml``, plus where it came from."""
     best = result.study.best_trial
     body: dict[str, Any] = {"clip": result.best_config.to_dict()}  # type: ignore[union-attr]
@@ -72,9 +79,9 @@ def best_document(result: TuneResult, spec: JobSpec | None) -> dict[str, Any]:
     return body
 
 
-def best_text(result: TuneResult, spec: JobSpec | None, fmt: str = "yaml") -> str:
+def best_text(result: TuneResult, fmt: str = "yaml") -> str:
     """YAML that ``ClipConfig.from_yaml`` reads back (one-liners as comments), or JSON."""
-    document, lines = best_document(result, spec), _one_liners(result, spec)
+    document, lines = best_document(result), _one_liners(result)
     probe = result.study.user_attrs.get(PROBE_ATTR)
     if fmt == "json":
         return json.dumps({**document, "apply": lines, **({"probe": probe} if probe else {})},

@@ -7,6 +7,12 @@ import math
 from collections.abc import Iterable
 
 
+class UsageError(Exception):
+    """A mistake in how a training loop uses its trial (a metric never reported, a train function
+    that reports nothing): the trial is recorded FAIL and the study stops, since every trial would
+    fail the same way."""
+
+
 def did_you_mean(name: str, choices: Iterable[str]) -> str:
     """Return ' Did you mean 'x'?' for the closest choice, or '' when none is close."""
     close = difflib.get_close_matches(str(name), [str(c) for c in choices], n=1, cutoff=0.6)

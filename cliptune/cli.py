@@ -1,4 +1,4 @@
-"""The command line: ``cliptune tune/best/report/spaces/ui``, thin over :mod:`cliptune.jobs` and tune().
+"""The command line: ``cliptune tune/worker/best/report/spaces/ui``, thin over jobs and the tuner.
 
 Exit status: 0 on success, 1 when every trial failed, 2 on bad input, 130 when interrupted.
 """
@@ -6,9 +6,9 @@ Exit status: 0 on success, 1 when every trial failed, 2 on bad input, 130 when i
 from __future__ import annotations
 
 import argparse
+import logging
 import os
 import signal
-import subprocess
 import sys
 from pathlib import Path
 from typing import Any
@@ -17,22 +17,15 @@ import optuna
 import yaml
 
 from cliptune import _cli_show as show
-from cliptune._errors import unknown_name
-from cliptune.jobs import (
-    DEFAULT_STORAGE,
-    Job,
-    JobError,
-    JobSpec,
-    load_study,
-    open_storage,
-    read_spec,
-    storage_url,
-)
+from cliptune._errors import UsageError, unknown_name
+from cliptune.jobs import DEFAULT_STORAGE, Job, JobError, load_study, open_storage, storage_url
+from cliptune.result import TuneResult
+from cliptune.runner import counts_toward_total
 from cliptune.space import shipped_spaces
-from cliptune.tuner import TuneResult, tune
+from cliptune.storage import mask_url
 
 EXIT_FAILED, EXIT_USAGE, EXIT_INTERRUPTED = 1, 2, 130
-LOCAL_MLFLOW = "sqlite:///mlflow.db"
+log = logging.getLogger("cliptune")
 
 
 class _StopOnInterrupt:
@@ -75,41 +68,62 @@ def _overrides(args: argparse.Namespace) -> dict[str, Any]:
     flags = {"n_trials": args.n_trials, "timeout": args.timeout, "seed": args.seed,
              "study.storage": args.storage, "study.name": args.study,
              "tracking.uri": args.tracking_uri, "tracking.experiment": args.experiment,
-             "tracking.enabled": False if args.no_tracking else None}
+             "tracking.enabled": False if args.no_tracking else None, "workers": args.workers}
     out.update({key: value for key, value in flags.items() if value is not None})
     return out
 
 
-def _summary(result: TuneResult, spec: JobSpec | None) -> None:
+def _summary(result: TuneResult) -> None:
     print(show.best_table(result))
     print(show.counts_line(result))
     if result.best_config is not None:
         print()
-        print(show.best_text(result, spec))
+        print(show.best_text(result))
+
+
+def _finished(storage: Any, job: Job, url: str) -> TuneResult | None:
+    """The study's result when it already has its total and nothing runs (no work to do)."""
+    try:
+        study = optuna.load_study(study_name=job.study_name, storage=storage)
+    except KeyError:
+        return None
+    trials = study.get_trials(deepcopy=False)
+    total = job.get("n_trials", 20)
+    if counts_toward_total(trials) < total or any(
+            t.state in (optuna.trial.TrialState.RUNNING, optuna.trial.TrialState.WAITING)
+            for t in trials):
+        return None
+    log.info("study %r in %s already has its %d trials; nothing to run (raise --n-trials to "
+             "run more).", job.study_name, mask_url(url), total)
+    return TuneResult.from_study(study)
 
 
 def cmd_tune(args: argparse.Namespace) -> int:
     job = Job.load(args.job, _overrides(args))
+    url = storage_url(job)
     where = "--storage" if args.storage else f"{job.source}: study.storage"
-    storage = open_storage(storage_url(job.spec), where, heartbeat=job.heartbeat())
-    kwargs = job.tune_kwargs()
+    storage = open_storage(url, where, heartbeat=job.heartbeat())
+    done = _finished(storage, job, url)
+    if done is not None:
+        _summary(done)
+        return 0
+    from cliptune.tuner import tune, tune_loop
+
+    positional, kwargs = job.arguments()
     stopper = _StopOnInterrupt()
-    if args.workers < 1:
-        raise JobError(f"--workers: expected an int >= 1, got {args.workers}.")
-    kwargs.update(storage=storage, show_progress=True, callbacks=[stopper.callback],
-                  tracking=job.spec.tracking.enabled, tracking_uri=job.spec.tracking.uri,
-                  experiment=job.spec.tracking.experiment, n_jobs=args.workers,
-                  heartbeat=job.heartbeat())
+    kwargs.update(storage=storage, show_progress=True, callbacks=[stopper.callback])
+    log.info("study %r in %s (optuna-dashboard %s; cliptune best %s)", job.study_name,
+             mask_url(url), mask_url(url), args.job)
     interrupted = False
     try:
         with stopper:
-            result = tune(**kwargs)
+            result = (tune_loop if job.own_loop else tune)(*positional, **kwargs)
     except KeyboardInterrupt:
         interrupted = True
         result = TuneResult.from_study(optuna.load_study(study_name=job.study_name,
                                                          storage=storage))
-    except RuntimeError as exc:
-        if not str(exc).startswith("All "):
+    except (RuntimeError, UsageError) as exc:
+        if not isinstance(exc, UsageError) and not str(exc).startswith("All "):
             raise
         _error("tune", str(exc))
         return EXIT_FAILED
@@ -118,42 +132,40 @@ def cmd_tune(args: argparse.Namespace) -> int:
         return EXIT_USAGE
     if interrupted or stopper.requested:
         print(f"Interrupted; the best so far in study {job.study_name!r}:", file=sys.stderr)
-    _summary(result, job.spec)
+    _summary(result)
     return EXIT_INTERRUPTED if interrupted or stopper.requested else 0
 
 
-def _study_from_args(args: argparse.Namespace) -> tuple[optuna.Study, JobSpec | None]:
-    spec = None
+def _study_from_args(args: argparse.Namespace) -> optuna.Study:
     if args.job:
-        job = Job(Path(args.job), read_spec(args.job))
-        spec, name = job.spec, args.study or job.study_name
-        url = args.storage or storage_url(job.spec)
+        job = Job.load(args.job)
+        name = args.study or job.study_name
+        url = args.storage or storage_url(job)
         where = "--storage" if args.storage else f"{job.source}: study.storage"
     elif args.study:
-        name, url, where = args.study, args.storage or DEFAULT_STORAGE, "--study"
+        name, url = args.study, args.storage or DEFAULT_STORAGE
+        where = "--storage" if args.storage else f"the default storage {DEFAULT_STORAGE}"
     else:
         raise JobError("give a job file, or --study NAME (and --storage URL unless the study is "
                        f"in the default {DEFAULT_STORAGE}).")
     storage = open_storage(url, where, must_exist=True)
-    return load_study(storage, name, where), spec
+    return load_study(storage, name, where)
 
 
 def cmd_best(args: argparse.Namespace) -> int:
-    study, spec = _study_from_args(args)
-    result = TuneResult.from_study(study)
+    result = TuneResult.from_study(_study_from_args(args))
     if result.best_config is None:
-        _error("best", f"study {study.study_name!r} has no completed trial yet "
+        _error("best", f"study {result.study.study_name!r} has no completed trial yet "
                        f"({show.counts_line(result)}).")
         return EXIT_FAILED
-    print(show.best_text(result, spec, args.format))
+    print(show.best_text(result, args.format))
     return 0
 
 
 def cmd_report(args: argparse.Namespace) -> int:
     from cliptune.report import write_report
 
-    study, _ = _study_from_args(args)
-    for path in write_report(TuneResult.from_study(study), Path(args.out)):
+    for path in write_report(TuneResult.from_study(_study_from_args(args)), Path(args.out)):
         print(path)
     return 0
 
@@ -172,20 +184,27 @@ def cmd_spaces(args: argparse.Namespace) -> int:
 
 
 def cmd_ui(args: argparse.Namespace) -> int:
-    uri = args.tracking_uri or os.environ.get("MLFLOW_TRACKING_URI") or LOCAL_MLFLOW
-    command = [sys.executable, "-m", "mlflow", "ui", "--backend-store-uri", uri,
-               "--default-artifact-root", Path("mlruns").resolve().as_uri(),
-               "--host", "127.0.0.1", "--port", str(args.port)]
-    print(f"MLflow UI for {uri} on http://127.0.0.1:{args.port} (Ctrl-C to stop)", file=sys.stderr)
-    try:
-        return subprocess.call(command)
-    except KeyboardInterrupt:
-        return 0
+    from cliptune._cli_ui import serve_ui
+
+    uri = args.tracking_uri or os.environ.get("MLFLOW_TRACKING_URI") or "sqlite:///mlflow.db"
+    return serve_ui(uri, args.port)
 
 
 def _error(command: str, message: str) -> None:
     for line in message.splitlines():
         print(f"cliptune {command}: error: {line}", file=sys.stderr)
+
+
+def _configure_logging() -> None:
+    """The CLI shows cliptune's messages on stderr; Optuna's per-trial lines give way to the bar."""
+    logger = logging.getLogger("cliptune")
+    if not logger.handlers:
+        handler = logging.StreamHandler(sys.stderr)
+        handler.setFormatter(logging.Formatter("cliptune: %(message)s"))
+        logger.addHandler(handler)
+        logger.setLevel(logging.INFO)
+        logger.propagate = False
+    optuna.logging.set_verbosity(optuna.logging.WARNING)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -195,6 +214,7 @@ def main(argv: list[str] | None = None) -> int:
     parser = build_parser({"tune": cmd_tune, "worker": cmd_tune, "best": cmd_best, "report": cmd_report,
                            "spaces": cmd_spaces, "ui": cmd_ui})
     args = parser.parse_args(argv)
+    _configure_logging()
     try:
         return args.func(args)
     except JobError as exc:

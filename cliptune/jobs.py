@@ -1,144 +1,51 @@
-"""Job files: one YAML with everything a tuning job needs, validated before anything runs.
+"""Job files: one YAML with everything a tuning job needs, checked before anything runs.
 
-A job file (every key but ``model`` and ``data`` is optional)::
+A job file trains either cliptune's own loop (``model`` and ``data``) or the user's (``train``)::
 
     model: examples.adding_rnn:make_model    # module:attribute, imported from the job's folder or cwd
     data: examples.adding_rnn:make_data      # a callable returning what tune() accepts, or the data
+    # train: examples.char_lstm:train        # instead of model/data: your train(trial), tune_loop
     loss: mse
     optimizer: {name: sgd, lr: 0.3}
     epochs: 8
-    batch_size: 32
     search_space: rnn                        # a shipped name or a path relative to the job file
     n_trials: 20                             # the study's total: a rerun only adds what is missing
-    timeout: null
     seed: 0
     study: {name: adding-rnn, storage: null} # null: sqlite:///mlruns/cliptune-optuna.db (resumable)
-                                             # heartbeat: {interval: 10, grace_period: 30} seconds
     tracking: {uri: null, experiment: adding-rnn, enabled: true}
-    refit: false                             # true: train the best config on all the data and
-                                             # log the model to the MLflow parent run
-    probe_steps: 200                         # most steps of the probe for `threshold: auto`
 
-Every problem is a :class:`JobError` of one line naming the file and the key.
+The keys and their constraints are those of :mod:`cliptune.settings` (``optimizer.lr`` is
+``lr``, ``study.name`` is ``study_name``, ``workers`` is ``n_jobs``, ...). Every problem is a
+:class:`JobError` of one line naming the file and the key.
 """
 
 from __future__ import annotations
 
 import importlib
 import os
+import re
 import sys
-from dataclasses import dataclass
+from collections.abc import Mapping
+from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Annotated, Any, Literal
+from typing import Any
 
 import optuna
 import yaml
-from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, ValidationError
 
+from cliptune import _checks
 from cliptune import storage as _storage
 from cliptune._errors import did_you_mean
-from cliptune.space import SearchSpace, shipped_spaces
+from cliptune.settings import BUILT_IN, job_keys
 
 DEFAULT_STORAGE = "sqlite:///mlruns/cliptune-optuna.db"
+_REFERENCES = ("model", "data", "train")
+_REFERENCE = re.compile(r"^[\w.]+:[\w.]+$")
+_NUMBER = re.compile(r"^[+-]?(\d+\.?\d*|\.\d+)([eE][+-]?\d+)?$")
 
 
 class JobError(ValueError):
     """A bad job file or option; the message is one line naming the file and the key."""
-
-
-def _no_bool(value: object) -> object:
-    if isinstance(value, bool):
-        raise ValueError(f"expected a number, got {value!r}")
-    return value
-
-
-# Floats are lax so that YAML's ``1e-3`` (read as a string by YAML 1.1) still parses; the rest strict.
-PositiveFloat = Annotated[float, Field(gt=0, strict=False), BeforeValidator(_no_bool)]
-PositiveInt = Annotated[int, Field(gt=0)]
-Reference = Annotated[str, Field(pattern=r"^[\w.]+:[\w.]+$")]
-
-
-class _Section(BaseModel):
-    model_config = ConfigDict(extra="forbid", strict=True)
-
-
-class OptimizerSpec(_Section):
-    name: str = "sgd"
-    lr: PositiveFloat = 0.01
-
-
-class HeartbeatSpec(_Section):
-    interval: PositiveInt = 10
-    grace_period: PositiveInt = 30
-
-
-class StudySpec(_Section):
-    name: str | None = None
-    storage: str | None = None
-    heartbeat: HeartbeatSpec = HeartbeatSpec()
-
-
-class TrackingSpec(_Section):
-    enabled: bool = True
-    uri: str | None = None
-    experiment: str = "cliptune"
-
-
-class JobSpec(_Section):
-    """The schema of a job file; defaults are those of :func:`cliptune.tune`."""
-
-    model: Reference
-    data: Reference
-    loss: str | None = None  # None: "mse", or a compiled Keras model's own loss
-    optimizer: OptimizerSpec = OptimizerSpec()
-    epochs: PositiveInt = 10
-    batch_size: PositiveInt = 64
-    search_space: str = "default"
-    n_trials: PositiveInt = 20
-    timeout: PositiveFloat | None = None
-    seed: int | None = None
-    metric: Literal["val_loss", "train_loss"] = "val_loss"
-    direction: Literal["minimize", "maximize"] = "minimize"
-    objective: Literal["last", "best"] = "last"
-    val_fraction: Annotated[float, Field(gt=0, lt=1, strict=False)] = 0.2
-    device: str = "cpu"
-    study: StudySpec = StudySpec()
-    tracking: TrackingSpec = TrackingSpec()
-    refit: bool = False
-    probe_steps: PositiveInt = 200
-
-
-def _fields_at(loc: tuple[Any, ...]) -> list[str]:
-    """The keys allowed in the section at ``loc`` (for 'did you mean')."""
-    model: type[BaseModel] = JobSpec
-    for part in loc:
-        annotation = model.model_fields[part].annotation
-        if not (isinstance(annotation, type) and issubclass(annotation, BaseModel)):
-            break
-        model = annotation
-    return list(model.model_fields)
-
-
-def _error_line(source: str, error: Any) -> str:
-    """One pydantic error as one line: ``job.yaml: optimizer.lr: expected ..., got ...``."""
-    loc = tuple(error["loc"])
-    key = ".".join(map(str, loc))
-    if error["type"] == "extra_forbidden":
-        allowed = _fields_at(loc[:-1])
-        return (f"{source}: {key}: unknown key {loc[-1]!r}; expected one of "
-                f"{', '.join(map(repr, allowed))}.{did_you_mean(str(loc[-1]), allowed)}")
-    if error["type"] == "missing":
-        return f"{source}: {key}: this key is required."
-    if error["type"] == "string_pattern_mismatch":
-        return f"{source}: {key}: expected 'module:attribute', got {error['input']!r}."
-    bounds = {"greater_than": ">", "greater_than_equal": ">=", "less_than": "<"}
-    if error["type"] in bounds:
-        limit = next(iter(error["ctx"].values()))
-        return f"{source}: {key}: expected a number {bounds[error['type']]} {limit}, got {error['input']!r}."
-    message = error["msg"].removeprefix("Value error, ").replace("Input should be", "expected")
-    if "got " not in message:
-        message += f", got {error['input']!r}"
-    return f"{source}: {key}: {message}."
 
 
 def _set(raw: dict[str, Any], dotted: str, value: Any) -> None:
@@ -155,23 +62,54 @@ def _set(raw: dict[str, Any], dotted: str, value: Any) -> None:
     node[last] = value
 
 
-def read_spec(path: str | os.PathLike[str], overrides: dict[str, Any] | None = None) -> JobSpec:
-    """Read, override and validate a job file; a :class:`JobError` for the first problem."""
-    path = Path(path)
+def _flatten(raw: Mapping[str, Any], source: str) -> dict[str, Any]:
+    """The file's keys as dotted names (``optimizer.lr``), each known; sections must be mappings."""
+    keys = job_keys()
+    sections: dict[str, list[str]] = {}
+    for dotted in keys:
+        if "." in dotted:
+            head, _, tail = dotted.partition(".")
+            sections.setdefault(head, []).append(tail)
+    top = [*_REFERENCES, *(k for k in keys if "." not in k), *sections]
+    out: dict[str, Any] = {}
+    for key, value in raw.items():
+        key = str(key)
+        if key in sections:
+            if not isinstance(value, Mapping):
+                raise JobError(f"{source}: {key}: expected a mapping of "
+                               f"{', '.join(map(repr, sections[key]))}, got {value!r}.")
+            for sub, sub_value in value.items():
+                if sub not in sections[key]:
+                    raise JobError(f"{source}: {key}.{sub}: unknown key {sub!r}; expected one of "
+                                   f"{', '.join(map(repr, sections[key]))}."
+                                   f"{did_you_mean(str(sub), sections[key])}")
+                out[f"{key}.{sub}"] = sub_value
+        elif key in top:
+            out[key] = value
+        else:
+            raise JobError(f"{source}: {key}: unknown key {key!r}; expected one of "
+                           f"{', '.join(map(repr, top))}.{did_you_mean(key, top)}")
+    return out
+
+
+def _value(dotted: str, f: Any, value: Any, source: str, folder: Path) -> Any:
+    """One job value through its setting's constraint; a one-line error naming the key."""
+    check = f.metadata["check"]
+    if isinstance(value, str) and getattr(check, "number", False) and _NUMBER.match(value):
+        value = float(value)  # YAML 1.1 reads 1e-3 as text
+    if f.name in ("loss", "optimizer") and isinstance(value, str) and ":" in value:
+        return value  # a reference, imported (and checked) when the job runs
+    if f.name == "search_space" and isinstance(value, str):
+        path = Path(value) if Path(value).is_absolute() else folder / value
+        if path.exists() or value.endswith((".yaml", ".yml")):
+            value = str(path)
     try:
-        raw = yaml.safe_load(path.read_text(encoding="utf-8"))
-    except OSError as exc:
-        raise JobError(f"Cannot read job file {str(path)!r}: {exc.strerror}.") from None
-    except yaml.YAMLError as exc:
-        raise JobError(f"{path.name}: not valid YAML ({' '.join(str(exc).split())}).") from None
-    if not isinstance(raw, dict):
-        raise JobError(f"{path.name}: expected a mapping of job keys, got {type(raw).__name__}.")
-    for dotted, value in (overrides or {}).items():
-        _set(raw, dotted, value)
-    try:
-        return JobSpec.model_validate(raw)
-    except ValidationError as exc:
-        raise JobError("\n".join(_error_line(path.name, e) for e in exc.errors())) from None
+        return check(value)
+    except _checks.Invalid as exc:
+        raise JobError(f"{source}: {dotted}: expected {exc.expected}, got "
+                       f"{_checks.describe(value)}.{exc.hint}") from None
+    except (ValueError, TypeError) as exc:
+        raise JobError(f"{source}: {dotted}: {exc}") from None
 
 
 def import_reference(reference: str, where: str, folder: Path | None = None) -> Any:
@@ -200,9 +138,112 @@ def import_reference(reference: str, where: str, folder: Path | None = None) -> 
     return obj
 
 
-def storage_url(spec: JobSpec) -> str:
+@dataclass
+class Job:
+    """A checked job file: its settings by name, its references, the study it belongs to."""
+
+    path: Path
+    values: dict[str, Any]  # setting name -> checked value (only the keys the file sets)
+    references: dict[str, str] = field(default_factory=dict)
+
+    @classmethod
+    def load(cls, path: str | os.PathLike[str], overrides: dict[str, Any] | None = None) -> Job:
+        """Read, override and check the job file; a :class:`JobError` for the first problem."""
+        path = Path(path)
+        try:
+            raw = yaml.safe_load(path.read_text(encoding="utf-8"))
+        except OSError as exc:
+            raise JobError(f"Cannot read job file {str(path)!r}: {exc.strerror}.") from None
+        except yaml.YAMLError as exc:
+            raise JobError(f"{path.name}: not valid YAML ({' '.join(str(exc).split())}).") from None
+        if not isinstance(raw, dict):
+            raise JobError(f"{path.name}: expected a mapping of job keys, got {type(raw).__name__}.")
+        for dotted, value in (overrides or {}).items():
+            _set(raw, dotted, value)
+        source, folder, keys = path.name, path.resolve().parent, job_keys()
+        flat = _flatten(raw, source)
+        references = {k: flat.pop(k) for k in _REFERENCES if k in flat}
+        for key, ref in references.items():
+            if not isinstance(ref, str) or not _REFERENCE.match(ref):
+                raise JobError(f"{source}: {key}: expected 'module:attribute', got {ref!r}.")
+        _check_kind(source, references, flat, keys)
+        values = {keys[k].name: _value(k, keys[k], v, source, folder) for k, v in flat.items()}
+        return cls(path, values, references)
+
+    @property
+    def source(self) -> str:
+        return self.path.name
+
+    @property
+    def own_loop(self) -> bool:
+        """Whether the job trains the user's ``train`` function (``tune_loop``)."""
+        return "train" in self.references
+
+    @property
+    def study_name(self) -> str:
+        return self.values.get("study_name") or self.path.stem
+
+    def get(self, name: str, default: Any = None) -> Any:
+        return self.values.get(name, default)
+
+    def heartbeat(self) -> _storage.Heartbeat | None:
+        return self.values.get("heartbeat", _storage.Heartbeat())
+
+    def _import(self, key: str, reference: str) -> Any:
+        return import_reference(reference, f"{self.source}: {key}", self.path.resolve().parent)
+
+    def arguments(self) -> tuple[tuple[Any, ...], dict[str, Any]]:
+        """The positional arguments and settings of ``tune``/``tune_loop``; imports the references
+        and builds the data."""
+        kwargs = {**self.values, "study_name": self.study_name}
+        for name in ("loss", "optimizer"):
+            value = kwargs.get(name)
+            if isinstance(value, str) and ":" in value:
+                key = "optimizer.name" if name == "optimizer" else name
+                kwargs[name] = self._import(key, value)
+        if self.own_loop:
+            return (self._callable("train"),), kwargs
+        data = self._import("data", self.references["data"])
+        if callable(data):
+            try:
+                data = data()
+            except Exception as exc:
+                raise JobError(f"{self.source}: data: {self.references['data']} raised "
+                               f"{type(exc).__name__}: {exc}") from None
+        return (self._callable("model"), data), kwargs
+
+    def _callable(self, key: str) -> Any:
+        obj = self._import(key, self.references[key])
+        if not callable(obj):
+            raise JobError(f"{self.source}: {key}: {self.references[key]!r} must be callable. "
+                           f"Got {type(obj).__name__} instead.")
+        return obj
+
+
+def _check_kind(source: str, references: dict[str, str], flat: dict[str, Any],
+                keys: dict[str, Any]) -> None:
+    """``model`` and ``data``, or ``train``: one or the other, and no built-in-loop keys with
+    ``train``."""
+    if "train" in references:
+        both = [k for k in ("model", "data") if k in references]
+        if both:
+            raise JobError(f"{source}: {both[0]}: a job gives either train (your own loop) or "
+                           "model and data (cliptune's loop), not both.")
+        built_in = [k for k in flat if keys[k].metadata["takes"] <= BUILT_IN]
+        if built_in:
+            raise JobError(f"{source}: {built_in[0]}: this key sets cliptune's own loop; with "
+                           "train: your loop sets it itself.")
+        return
+    for key in ("model", "data"):
+        if key not in references:
+            hint = " (or train: module:function for your own loop)" if key == "model" else ""
+            raise JobError(f"{source}: {key}: this key is required{hint}.")
+
+
+def storage_url(job: Job) -> str:
     """The job's Optuna storage URL (by default a SQLite file under ./mlruns)."""
-    return DEFAULT_STORAGE if spec.study.storage is None else spec.study.storage
+    url = job.get("storage")
+    return DEFAULT_STORAGE if url is None else url
 
 
 def open_storage(url: str, where: str, must_exist: bool = False,
@@ -237,83 +278,5 @@ def load_study(storage: optuna.storages.BaseStorage, name: str, where: str) -> o
                        f"{did_you_mean(name, names)}") from None
 
 
-def resolve_space(value: str, folder: Path, where: str) -> SearchSpace:
-    """A shipped name, or a YAML path relative to the job file."""
-    try:
-        if value in shipped_spaces() and not value.endswith((".yaml", ".yml")):
-            return SearchSpace.shipped(value)
-        path = Path(value) if Path(value).is_absolute() else folder / value
-        if not path.exists() and not value.endswith((".yaml", ".yml")):
-            return SearchSpace.shipped(value)  # an unknown name: the 'did you mean' error
-        return SearchSpace.from_yaml(path)
-    except (ValueError, TypeError) as exc:
-        raise JobError(f"{where}: {exc}") from None
-
-
-@dataclass
-class Job:
-    """A validated job file, with the study it belongs to."""
-
-    path: Path
-    spec: JobSpec
-
-    @classmethod
-    def load(cls, path: str | os.PathLike[str], overrides: dict[str, Any] | None = None) -> Job:
-        """Read and validate the job; the search space is checked too (it is cheap)."""
-        job = cls(Path(path), read_spec(path, overrides))
-        job.search_space()
-        return job
-
-    @property
-    def source(self) -> str:
-        return self.path.name
-
-    @property
-    def study_name(self) -> str:
-        return self.spec.study.name or self.path.stem
-
-    def heartbeat(self) -> _storage.Heartbeat:
-        """The study's heartbeat (how soon a dead worker's trial is retried)."""
-        beat = self.spec.study.heartbeat
-        try:
-            return _storage.Heartbeat(beat.interval, beat.grace_period)
-        except ValueError as exc:
-            raise JobError(f"{self.source}: study.heartbeat: {exc}") from None
-
-    def search_space(self) -> SearchSpace:
-        return resolve_space(self.spec.search_space, self.path.resolve().parent,
-                             f"{self.source}: search_space")
-
-    def _import(self, key: str, reference: str) -> Any:
-        return import_reference(reference, f"{self.source}: {key}", self.path.resolve().parent)
-
-    def tune_kwargs(self) -> dict[str, Any]:
-        """Everything :func:`cliptune.tune` needs; imports the model and builds the data."""
-        spec = self.spec
-        model_fn = self._import("model", spec.model)
-        if not callable(model_fn):
-            raise JobError(f"{self.source}: model: {spec.model!r} must be a callable returning a "
-                           f"fresh model. Got {type(model_fn).__name__} instead.")
-        data = self._import("data", spec.data)
-        if callable(data):
-            try:
-                data = data()
-            except Exception as exc:
-                raise JobError(f"{self.source}: data: {spec.data} raised "
-                               f"{type(exc).__name__}: {exc}") from None
-        loss: Any = spec.loss
-        if loss is not None and ":" in loss:
-            loss = self._import("loss", loss)
-        name = spec.optimizer.name
-        optimizer: Any = self._import("optimizer.name", name) if ":" in name else name
-        return dict(model_fn=model_fn, data=data, loss=loss, optimizer=optimizer,
-                    lr=spec.optimizer.lr, epochs=spec.epochs, batch_size=spec.batch_size,
-                    search_space=self.search_space(), n_trials=spec.n_trials,
-                    timeout=spec.timeout, seed=spec.seed, metric=spec.metric,
-                    direction=spec.direction, objective=spec.objective,
-                    val_fraction=spec.val_fraction, device=spec.device,
-                    study_name=self.study_name, refit=spec.refit, probe_steps=spec.probe_steps)
-
-
-__all__ = ["DEFAULT_STORAGE", "Job", "JobError", "JobSpec", "import_reference", "load_study",
-           "open_storage", "read_spec", "storage_url"]
+__all__ = ["DEFAULT_STORAGE", "Job", "JobError", "import_reference", "load_study",
+           "open_storage", "storage_url"]

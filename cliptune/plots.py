@@ -97,13 +97,21 @@ def _integer_x(ax: Axes) -> None:
     ax.xaxis.set_major_locator(MaxNLocator(integer=True))
 
 
+def _metric(study: optuna.Study) -> str:
+    """The metric the study optimises (recorded with the job), ``val_loss`` by default."""
+    return (study.user_attrs.get("cliptune.job") or {}).get("metric") or "val_loss"
+
+
 def plot_val_loss_curves(study: optuna.Study) -> Figure:
-    """Validation loss by epoch of every trial, coloured by clip mode; pruned trials end in an x."""
-    fig, ax = _figure("Validation loss by epoch", "epoch", "val_loss")
+    """The study's metric (validation loss by default) by epoch of every trial, coloured by clip
+    mode; pruned trials end in an x."""
+    metric = _metric(study)
+    title = "Validation loss" if metric == "val_loss" else metric
+    fig, ax = _figure(f"{title} by epoch", "epoch", metric)
     modes, seen, any_pruned = set(), [], False
     for t, mode, _ in _trials(study):
-        points = [(e, h["val_loss"]) for e, h in enumerate(t.user_attrs.get("history", []))
-                  if math.isfinite(h["val_loss"])]
+        points = [(e, h[metric]) for e, h in enumerate(t.user_attrs.get("history", []))
+                  if math.isfinite(h.get(metric, math.nan))]
         if not points:
             continue
         modes.add(mode)
@@ -184,8 +192,8 @@ def plot_grad_norms(study: optuna.Study) -> Figure:
     for t, mode, _ in _trials(study):
         hist = t.user_attrs.get("history", [])
         norms = by_mode.setdefault(mode, {"mean": [], "max": []})
-        norms["mean"] += _finite([h["grad_norm_mean"] for h in hist])
-        norms["max"] += _finite([h["grad_norm_max"] for h in hist])
+        norms["mean"] += _finite([h.get("grad_norm_mean") for h in hist])
+        norms["max"] += _finite([h.get("grad_norm_max") for h in hist])
     every = [v for n in by_mode.values() for v in n["mean"] + n["max"] if v > 0]
     modes = {m for m, n in by_mode.items() if n["mean"]}
     if every:

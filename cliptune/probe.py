@@ -1,9 +1,11 @@
 """``threshold: auto``: size each mode's threshold range from a short probe of the gradients.
 
-Before the study, when some mode of the search space says ``threshold: auto``, the backend trains a
-fresh model without clipping for one epoch or at most ``probe_steps`` steps (stopping at the first
-non-finite loss or gradient) and records, per step, the pre-clip global gradient norm, each
-parameter tensor's gradient norm and the largest absolute gradient element. The ranges (log scale)
+Before the study, when some mode of the search space says ``threshold: auto``, the job's own train
+function runs once with a *probe trial*: a :class:`cliptune.Trial` that never clips, records per
+step the pre-clip global gradient norm, each parameter tensor's gradient norm and the largest
+absolute gradient element (from ``trial.clip_`` or ``trial.clip``), and ends the run after one
+epoch (its first report), ``probe_steps`` steps or a non-finite step. So the probe is the same loop
+as a trial, for cliptune's built-in loops and a user's ``tune_loop`` alike. The ranges (log scale)
 then follow these rules, on means over the probe's finite steps:
 
 - ``global_norm``: [0.5 x, 10 x] the mean global norm. Pascanu et al. (2013) advise a threshold
@@ -27,15 +29,21 @@ search space does not change under a running study.
 
 from __future__ import annotations
 
+import logging
 import statistics
-import sys
 import time
 import warnings
 from collections.abc import Callable
 from typing import Any
 
-from cliptune.config import ClipMode
+from cliptune._errors import UsageError
+from cliptune._probe_record import new_record
+from cliptune.config import ClipConfig, ClipMode
 from cliptune.space import ParamRange, SearchSpace
+from cliptune.stability import TrialMonitor
+from cliptune.trial import PlainReporter, ProbeDone, Trial
+
+log = logging.getLogger("cliptune")
 
 PROBE_ATTR = "cliptune.probe"
 FACTORS: dict[ClipMode, tuple[float, float]] = {
@@ -97,9 +105,28 @@ def _recorded(space: SearchSpace, info: dict[str, Any], study_name: str) -> dict
     return {m: ParamRange(*info["ranges"][m.value], log=True) for m in space.auto_modes}
 
 
+def probe_gradients(train: Callable[..., Any], extras: dict[str, Any], seed: int | None,
+                    max_steps: int) -> dict[str, Any]:
+    """Run ``train`` with a probe trial (no clip); its record of the gradients, step by step."""
+    record = new_record(max_steps)
+    monitor = TrialMonitor(PlainReporter(), None)
+    trial = Trial(ClipConfig("none"), extras, number=-1, seed=seed, monitor=monitor, probe=record)
+    try:
+        train(trial)
+    except ProbeDone:
+        pass
+    except UsageError:
+        raise
+    except Exception as exc:
+        raise ValueError(f"The probe for 'threshold: auto' (one unclipped run of the train "
+                         f"function) failed: {type(exc).__name__}: {exc}") from exc
+    return record
+
+
 def run_probe(space: SearchSpace, probe: Callable[..., dict[str, Any]], extras: dict[str, Any],
               max_steps: int) -> tuple[dict[ClipMode, ParamRange], dict[str, Any]]:
-    """Call a backend's ``probe`` and turn its record into ranges and a JSON-able summary."""
+    """Call ``probe`` (see :func:`probe_gradients`) and turn its record into ranges and a JSON-able
+    summary."""
     start = time.perf_counter()
     record = probe(extras=extras, max_steps=max_steps)
     seconds = time.perf_counter() - start
@@ -122,9 +149,8 @@ def run_probe(space: SearchSpace, probe: Callable[..., dict[str, Any]], extras: 
     return ranges, info
 
 
-def resolve_auto(space: SearchSpace, study: Any, backend: Any, model_fn: Callable[..., Any],
-                 splits: Any, settings: Any, max_steps: int,
-                 quiet: bool = False) -> tuple[SearchSpace, dict[str, Any] | None]:
+def resolve_auto(space: SearchSpace, study: Any, train: Callable[..., Any], seed: int | None,
+                 max_steps: int) -> tuple[SearchSpace, dict[str, Any] | None]:
     """The space with its ``auto`` ranges set: from the study's record, else from a new probe."""
     if not space.auto_modes:
         return space, None
@@ -133,14 +159,13 @@ def resolve_auto(space: SearchSpace, study: Any, backend: Any, model_fn: Callabl
         ranges = _recorded(space, info, study.study_name)
         how = "recorded by the study's probe"
     else:
-        def probe(**kw: Any) -> dict[str, Any]:
-            return backend.probe(model_fn, splits=splits, settings=settings, **kw)
+        def probe(extras: dict[str, Any], max_steps: int) -> dict[str, Any]:
+            return probe_gradients(train, extras, seed, max_steps)
 
         ranges, info = run_probe(space, probe, space.default_extras(), max_steps)
         study.set_user_attr(PROBE_ATTR, info)
         how = "from a probe"
-    if not quiet:
-        print(f"cliptune: auto threshold ranges {how}: {describe(info)}", file=sys.stderr)
+    log.info("auto threshold ranges %s: %s", how, describe(info))
     return space.with_ranges(ranges), info
 
 

@@ -1,8 +1,9 @@
 """Refit: train a final model with the best config on train plus validation data, and keep it.
 
-The refit uses the backend's own training loop, guarded by the same stability rules as a trial: an
-unstable or non-finite refit is an error, never a silent NaN model. It trains ``epochs`` epochs
-seeded like the best trial (``seed + its number``). Data:
+The refit runs the job's built-in loop with a :class:`cliptune.Trial` whose reporter is a plain
+record, not an Optuna trial, guarded by the same stability rules as a trial: an unstable or
+non-finite refit is an error, never a silent NaN model. It trains ``epochs`` epochs seeded like
+the best trial (``seed + its number``). Data:
 
 - ``(X, y)`` arrays (and explicit array splits): train and validation together
   (:meth:`Splits.merged`); the validation loss it reports is then in-sample.
@@ -15,35 +16,17 @@ from __future__ import annotations
 
 import math
 import warnings
-from collections.abc import Callable
-from types import SimpleNamespace
 from typing import Any
 
 import optuna
 from optuna.trial import TrialState
 
-from cliptune.backends import TrainSettings
 from cliptune.data import Splits
+from cliptune.plan import Plan
 from cliptune.space import config_from_params
 from cliptune.stability import StabilityRules, TrialMonitor
 from cliptune.tracking import Tracker
-
-
-class _RefitTrial:
-    """Stands in for an Optuna trial, so that the monitor's stability rules guard the refit."""
-
-    def __init__(self, direction: optuna.study.StudyDirection) -> None:
-        self.study = SimpleNamespace(direction=direction)
-        self.user_attrs: dict[str, Any] = {}
-
-    def report(self, value: float, step: int) -> None:
-        """Nothing to report: the refit is not a trial."""
-
-    def should_prune(self) -> bool:
-        return False
-
-    def set_user_attr(self, key: str, value: Any) -> None:
-        self.user_attrs[key] = value
+from cliptune.trial import PlainReporter, Trial
 
 
 def refit_splits(splits: Splits) -> tuple[Splits, str]:
@@ -53,8 +36,8 @@ def refit_splits(splits: Splits) -> tuple[Splits, str]:
     return splits, "train"
 
 
-def refit_best(study: optuna.Study, backend: Any, model_fn: Callable[..., Any], splits: Splits,
-               settings: TrainSettings, rules: StabilityRules | None, tracker: Tracker) -> Any:
+def refit_best(study: optuna.Study, plan: Plan, rules: StabilityRules | None,
+               tracker: Tracker) -> Any:
     """Train the best config on the refit data, log it with the tracker, return the model.
 
     Returns None (with a warning) when no trial completed.
@@ -65,11 +48,13 @@ def refit_best(study: optuna.Study, backend: Any, model_fn: Callable[..., Any], 
         return None
     best = study.best_trial
     clip, extras = config_from_params(best.params)
-    seed = None if settings.seed is None else settings.seed + best.number
-    data, label = refit_splits(splits)
-    monitor = TrialMonitor(_RefitTrial(study.direction), rules)  # type: ignore[arg-type]
+    seed = plan.settings.search.seed
+    seed = None if seed is None else seed + best.number
+    task = plan.train
+    data, label = refit_splits(task.splits)
+    monitor = TrialMonitor(PlainReporter(), rules, direction=plan.direction)
     try:
-        model = backend.train(model_fn, data, clip, extras, settings, monitor, seed)
+        model = task.with_splits(data)(Trial(clip, extras, best.number, seed, monitor))
     except optuna.TrialPruned as exc:
         raise RuntimeError(f"The refit with the best config ({clip!r}, extras {extras}, from "
                            f"trial {best.number}) on the {label} data was unstable: {exc}. The "
@@ -78,9 +63,9 @@ def refit_best(study: optuna.Study, backend: Any, model_fn: Callable[..., Any], 
     if not all(math.isfinite(last.get(k, math.nan)) for k in ("train_loss", "val_loss")):
         raise RuntimeError(f"The refit with the best config ({clip!r}, from trial {best.number}) "
                            f"ended with a non-finite loss ({last}); no model is returned.")
-    sample = backend.sample_inputs(data.train)
-    output = None if sample is None else backend.predict(model, sample)
-    tracker.model_refit(model, backend.name, sample, output, {
+    sample = task.sample_inputs(data.train)
+    output = None if sample is None else task.predict(model, sample)
+    tracker.model_refit(model, task.name, sample, output, {
         "cliptune.refit_data": label, "cliptune.refit_trial": str(best.number),
         "cliptune.refit_clip": repr(clip)})
     return model

@@ -1,6 +1,6 @@
-"""Run trials until the study's total is reached: the objective, the loop, and what counts.
+"""One worker's loop over the study: a Trial for each Optuna trial, the study's total, what counts.
 
-Every ``tune()`` process is a worker of this kind, alone or beside others on the same storage.
+Every process that tunes is a worker of this kind, alone or beside others on the same storage.
 ``n_trials`` is the study's total: finished trials count, and so do RUNNING and WAITING ones (so
 workers that start at once do not overshoot), but not a FAIL trial that was retried after its
 worker died, nor a ``cliptune.surplus`` trial (one that two workers created at the same instant
@@ -10,8 +10,8 @@ workers' running trials, so that a dead worker's trial is failed and retried bef
 
 from __future__ import annotations
 
+import logging
 import math
-import sys
 import time
 from collections.abc import Callable, Sequence
 from typing import Any
@@ -20,9 +20,11 @@ import optuna
 from optuna.storages import RetryHeartbeatStaleTrialCallback
 from optuna.trial import FrozenTrial, TrialState
 
-from cliptune.backends import TrainSettings
-from cliptune.data import Splits
-from cliptune.space import SearchSpace
+from cliptune._errors import UsageError
+from cliptune._optuna import n_trials_of, storage_of
+from cliptune._study import load_study, stability_pruner
+from cliptune.plan import Plan
+from cliptune.result import SURPLUS_ATTR, TuneResult
 from cliptune.stability import StabilityPruner, TrialMonitor
 from cliptune.storage import (
     Heartbeat,
@@ -31,9 +33,10 @@ from cliptune.storage import (
     quiet_experimental,
     watches_liveness,
 )
-from cliptune.tracking import Tracker
+from cliptune.tracking import Tracker, make_tracker
+from cliptune.trial import Trial
 
-SURPLUS_ATTR = "cliptune.surplus"
+log = logging.getLogger("cliptune")
 _QUIET_WAIT_S = 5.0  # a worker's last wait for the others is only worth a word when it is long
 Callback = Callable[[optuna.Study, FrozenTrial], None]
 
@@ -63,16 +66,15 @@ def counts_toward_total(trials: Sequence[FrozenTrial]) -> int:
 
 
 class TrialRunner:
-    """The objective of one worker, and the loop around ``study.optimize``."""
+    """The objective of one worker (a :class:`Trial` through the plan's train function), and the
+    loop around ``study.optimize``."""
 
-    def __init__(self, backend: Any, model_fn: Callable[..., Any], splits: Splits,
-                 space: SearchSpace, settings: TrainSettings, pruner: StabilityPruner,
-                 metric: str, objective: str, tracker: Tracker, total: int,
+    def __init__(self, plan: Plan, pruner: StabilityPruner, tracker: Tracker,
                  heartbeat: Heartbeat | None) -> None:
-        self.backend, self.model_fn, self.splits, self.space = backend, model_fn, splits, space
-        self.settings, self.pruner, self.metric, self.objective = settings, pruner, metric, objective
-        self.tracker, self.total, self.heartbeat = tracker, total, heartbeat
+        self.plan, self.pruner, self.tracker, self.heartbeat = plan, pruner, tracker, heartbeat
+        self.total = plan.settings.search.n_trials
         self.errors: list[str] = []
+        self.usage_error: UsageError | None = None
         self.n_ran = 0
         self._reached = False
 
@@ -90,17 +92,24 @@ class TrialRunner:
         earlier = [t for t in trials if t.number < trial.number]
         return counts_toward_total(earlier) >= self.total and not _retry_history(this)
 
-    def _train(self, trial: optuna.Trial) -> float:
-        clip, extras = self.space.suggest(trial)
-        self.tracker.trial_started(trial, clip, extras)
+    def make_trial(self, trial: optuna.Trial) -> Trial:
+        """The handle of an Optuna trial: its clip and extras sampled, its monitor wired."""
+        plan, search = self.plan, self.plan.settings.search
+        config, extras = plan.space.suggest(trial)
+        self.tracker.trial_started(trial, config, extras)
         number = trial.number
-        monitor = TrialMonitor(trial, self.pruner.rules, self.metric, self.objective,
-                               on_epoch=lambda e, s: self.tracker.epoch(number, e, s))
-        seed = None if self.settings.seed is None else self.settings.seed + number
+        monitor = TrialMonitor(trial, self.pruner.rules, search.metric, search.objective,
+                               on_epoch=lambda e, s: self.tracker.epoch(number, e, s),
+                               direction=plan.direction)
+        seed = None if search.seed is None else search.seed + number
+        return Trial(config, extras, number, seed, monitor, optuna_trial=trial)
+
+    def _train(self, trial: optuna.Trial) -> float:
+        handle = self.make_trial(trial)
+        number = trial.number
         try:
-            self.backend.train(self.model_fn, self.splits, clip, extras, self.settings, monitor,
-                               seed)
-            value = monitor.value()
+            self.plan.train(handle)
+            value = handle.monitor.value()
         except optuna.TrialPruned:
             self.tracker.trial_finished(number, "PRUNED",
                                         reason=trial.user_attrs.get("prune_reason", "unpromising"))
@@ -113,14 +122,17 @@ class TrialRunner:
             self.errors.append(error)
             trial.set_user_attr("error", error)
             self.tracker.trial_finished(number, "FAIL", error=error)
+            if isinstance(exc, UsageError):  # every trial would fail the same way: stop
+                self.usage_error = exc
+                trial.study.stop()
             raise
         finally:  # once per trial, for the plots (a storage write per epoch is costly)
-            trial.set_user_attr("history", monitor.history)
+            trial.set_user_attr("history", handle.monitor.history)
         self.tracker.trial_finished(number, "COMPLETE", value=value)
         return value
 
     def _after_trial(self, study: optuna.Study, trial: FrozenTrial) -> None:
-        if study._storage.get_n_trials(study._study_id) < self.total:
+        if n_trials_of(study) < self.total:
             return  # a cheap count: fewer trials than the total cannot have reached it
         trials = study.get_trials(deepcopy=False)
         if counts_toward_total(trials) >= self.total and not any(
@@ -128,9 +140,9 @@ class TrialRunner:
             self._reached = True
             study.stop()
 
-    def run(self, study: optuna.Study, timeout: float | None, progress: bool,
-            callbacks: Sequence[Callback] = ()) -> None:
+    def run(self, study: optuna.Study, progress: bool, callbacks: Sequence[Callback] = ()) -> None:
         """Run trials until the study's total is reached, the timeout passes or a callback stops."""
+        timeout = self.plan.settings.search.timeout
         deadline = None if timeout is None else time.monotonic() + timeout
         bar = _progress_bar(study, self.total) if progress else None
         chain: list[Callback] = [self._after_trial, *callbacks]
@@ -138,7 +150,7 @@ class TrialRunner:
             chain.append(lambda s, t: _advance(bar, s, self.total))
         told, waited_since = False, 0.0
         try:
-            while True:
+            while self.usage_error is None:
                 if self.heartbeat is not None:
                     fail_stale_trials(study, self.heartbeat)
                 trials = study.get_trials(deepcopy=False)
@@ -153,25 +165,44 @@ class TrialRunner:
                         return
                     continue
                 running = sum(t.state is TrialState.RUNNING for t in trials)
-                if not running or not watches_liveness(study._storage):
+                if not running or not watches_liveness(storage_of(study)):
                     return
                 if bar is not None:
                     _advance(bar, study, self.total)
                 waited_since = waited_since or time.monotonic()
                 if not told and time.monotonic() - waited_since > _QUIET_WAIT_S:
-                    print(f"cliptune: waiting for {running} running trial(s) of other workers "
-                          "(a dead worker's trial is failed and retried after the heartbeat grace "
-                          "period).", file=sys.stderr)
+                    log.info("waiting for %d running trial(s) of other workers (a dead worker's "
+                             "trial is failed and retried after the heartbeat grace period)",
+                             running)
                     told = True
                 time.sleep(1.0)
         finally:
             if bar is not None:
                 bar.close()
 
-    def raise_if_all_failed(self) -> None:
+    def raise_if_failed(self) -> None:
+        """A usage error stops the job; so does a job in which every trial failed."""
+        if self.usage_error is not None:
+            raise self.usage_error
         if self.n_ran and len(self.errors) == self.n_ran:
             raise RuntimeError(f"All {self.n_ran} trials failed; the first error was: "
                                f"{self.errors[0]}")
+
+
+def run_worker(plan: Plan, storage: Any, study_name: str) -> None:
+    """One more worker process on a study its parent created: run trials to the total."""
+    s = plan.settings
+    tracker: Tracker = make_tracker(s.tracking.tracking, s.tracking.tracking_uri,
+                                    s.tracking.experiment, s.tracking.tracker)
+    pruner = stability_pruner(s.search.pruner)
+    study = load_study(plan, storage, study_name, pruner)
+    tracker.start(study, plan.job_params())
+    runner = TrialRunner(plan, pruner, tracker, s.study.heartbeat)
+    try:
+        runner.run(study, progress=False)
+    finally:
+        tracker.finish(TuneResult.from_study(study))
+    runner.raise_if_failed()
 
 
 def _progress_bar(study: optuna.Study, total: int) -> Any:

@@ -5,7 +5,8 @@ space) on a validation split of the data given to ``fit``, then train the best c
 (``tune(refit=True)``); ``predict``, ``predict_proba`` and ``score`` use that refit model.
 
 The model factory: ``model_fn(n_features, n_outputs)`` returns a fresh ``torch.nn.Module`` or Keras
-model mapping ``(batch, n_features)`` inputs to ``(batch, n_outputs)`` outputs: the regressor's
+model mapping ``(batch, n_features)`` inputs to ``(batch, n_outputs)`` outputs (for n-d ``X``,
+such as ``(n, steps, channels)`` for a recurrent model, ``n_features`` is ``X.shape[1:]``): the regressor's
 outputs are its targets (one per column of ``y``), the classifier's are logits, one per class
 (trained with ``cross_entropy``). ``model_fn=None`` builds a small torch MLP (``n_features ->
 hidden_units -> ReLU -> n_outputs``). The factory must be picklable for ``n_jobs > 1`` in
@@ -25,6 +26,7 @@ Example:
 from __future__ import annotations
 
 import functools
+import inspect
 from collections.abc import Callable
 from typing import Any
 
@@ -35,8 +37,17 @@ from sklearn.utils import check_random_state
 from sklearn.utils.multiclass import check_classification_targets
 from sklearn.utils.validation import check_is_fitted, validate_data
 
-from cliptune.backends import framework_of, get_backend
-from cliptune.tuner import tune
+from cliptune.backends import framework_of
+from cliptune.plan import plan_tune
+from cliptune.settings import Settings, by_name
+from cliptune.tuner import run
+
+# The settings of tune() an estimator takes, with the defaults it gives them (the constraints and
+# docs are the settings' own); then the estimator's own parameters.
+_TUNE_DEFAULTS = {"loss": None, "optimizer": "adam", "lr": 0.01, "epochs": 20, "batch_size": 32,
+                  "search_space": "default", "n_trials": 10, "val_fraction": 0.2,
+                  "tracking": False, "tracking_uri": None, "experiment": "cliptune"}
+_OWN_DEFAULTS = {"hidden_units": 32, "random_state": None, "tune_params": None}
 
 
 def default_mlp(n_features: int, n_outputs: int, hidden_units: int = 32) -> Any:
@@ -47,31 +58,45 @@ def default_mlp(n_features: int, n_outputs: int, hidden_units: int = 32) -> Any:
                          nn.Linear(hidden_units, n_outputs))
 
 
+def _signature() -> inspect.Signature:
+    declared = by_name()
+    params = [inspect.Parameter("self", inspect.Parameter.POSITIONAL_OR_KEYWORD),
+              inspect.Parameter("model_fn", inspect.Parameter.POSITIONAL_OR_KEYWORD, default=None)]
+    params += [inspect.Parameter(name, inspect.Parameter.KEYWORD_ONLY, default=default,
+                                 annotation=declared[name].type)
+               for name, default in _TUNE_DEFAULTS.items()]
+    params += [inspect.Parameter(name, inspect.Parameter.KEYWORD_ONLY, default=default)
+               for name, default in _OWN_DEFAULTS.items()]
+    return inspect.Signature(params)
+
+
 class _ClipTuned(BaseEstimator):
     """What the regressor and the classifier share: tuning, refitting and the forward pass."""
 
-    def __init__(self, model_fn: Callable[[int, int], Any] | None = None, *,
-                 loss: str | Callable[..., Any] | None = None, optimizer: str | Any = "adam",
-                 lr: float = 0.01, epochs: int = 20, batch_size: int = 32,
-                 search_space: Any = "default", n_trials: int = 10, val_fraction: float = 0.2,
-                 hidden_units: int = 32, random_state: int | np.random.RandomState | None = None,
-                 tracking: bool = False, tracking_uri: str | None = None,
-                 experiment: str = "cliptune", tune_params: dict[str, Any] | None = None) -> None:
+    def __init__(self, model_fn: Callable[..., Any] | None = None, **params: Any) -> None:
         self.model_fn = model_fn
-        self.loss = loss
-        self.optimizer = optimizer
-        self.lr = lr
-        self.epochs = epochs
-        self.batch_size = batch_size
-        self.search_space = search_space
-        self.n_trials = n_trials
-        self.val_fraction = val_fraction
-        self.hidden_units = hidden_units
-        self.random_state = random_state
-        self.tracking = tracking
-        self.tracking_uri = tracking_uri
-        self.experiment = experiment
-        self.tune_params = tune_params
+        for name, default in {**_TUNE_DEFAULTS, **_OWN_DEFAULTS}.items():
+            setattr(self, name, params.pop(name, default))
+        if params:
+            raise TypeError(f"{type(self).__name__}() got an unexpected keyword argument "
+                            f"{next(iter(params))!r}.")
+
+    __init__.__signature__ = _signature()  # type: ignore[attr-defined]  # what get_params reads
+
+    def _model_fn(self, X: np.ndarray, n_outputs: int) -> Callable[..., Any]:
+        features = X.shape[1] if X.ndim == 2 else tuple(X.shape[1:])
+        factory = self.model_fn
+        if factory is None:
+            if X.ndim != 2:
+                raise ValueError(f"The default MLP of {type(self).__name__} takes 2-D X; X has "
+                                 f"{X.ndim} dimensions. Pass a model_fn(n_features, n_outputs) "
+                                 "(n_features is then X.shape[1:]).")
+            return functools.partial(default_mlp, features, n_outputs, self.hidden_units)
+        if callable(factory):
+            return functools.partial(factory, features, n_outputs)
+        raise TypeError(f"The 'model_fn' parameter of {type(self).__name__} must be a callable "
+                        f"(n_features, n_outputs) -> model, or None. Got "
+                        f"{type(factory).__name__} instead.")
 
     def _fit(self, X: np.ndarray, y: np.ndarray, loss: str | Callable[..., Any],
              n_outputs: int) -> None:
@@ -80,21 +105,11 @@ class _ClipTuned(BaseEstimator):
                              f"validation); got {len(X)} sample.")
         seed = None if self.random_state is None else int(
             check_random_state(self.random_state).randint(np.iinfo(np.int32).max))
-        factory = self.model_fn
-        if factory is None:
-            model_fn = functools.partial(default_mlp, X.shape[1], n_outputs, self.hidden_units)
-        elif callable(factory):
-            model_fn = functools.partial(factory, X.shape[1], n_outputs)
-        else:
-            raise TypeError(f"The 'model_fn' parameter of {type(self).__name__} must be a callable "
-                            f"(n_features, n_outputs) -> model, or None. Got "
-                            f"{type(factory).__name__} instead.")
-        result = tune(model_fn, (X, y), loss=loss, optimizer=self.optimizer, lr=self.lr,
-                      epochs=self.epochs, batch_size=self.batch_size,
-                      search_space=self.search_space, n_trials=self.n_trials,
-                      val_fraction=self.val_fraction, seed=seed, tracking=self.tracking,
-                      tracking_uri=self.tracking_uri, experiment=self.experiment,
-                      show_progress=False, refit=True, **(self.tune_params or {}))
+        kwargs = {name: getattr(self, name) for name in _TUNE_DEFAULTS}
+        kwargs.update(loss=loss, seed=seed, show_progress=False, refit=True,
+                      **(self.tune_params or {}))
+        settings = Settings.from_kwargs("tune", kwargs, owner=type(self).__name__)
+        result = run(plan_tune(self._model_fn(X, n_outputs), (X, y), settings))
         if result.model is None:
             raise RuntimeError(f"No trial of {type(self).__name__}.fit completed "
                                f"({result.n_pruned} pruned, {result.n_failed} failed), so no "
@@ -108,9 +123,13 @@ class _ClipTuned(BaseEstimator):
 
     def _forward(self, X: Any) -> np.ndarray:
         check_is_fitted(self, "model_")
-        X = validate_data(self, X, reset=False, dtype=np.float32)
+        X = validate_data(self, X, reset=False, dtype=np.float32, allow_nd=True)
         X = X if X.flags.writeable else X.copy()
-        return get_backend(self.framework_).predict(self.model_, X)
+        if self.framework_ == "torch":
+            from cliptune.backends._torch_tools import predict
+        else:
+            from cliptune.backends._keras_tools import predict
+        return predict(self.model_, X)
 
 
 class ClipTunedRegressor(RegressorMixin, _ClipTuned):
@@ -134,7 +153,8 @@ class ClipTunedRegressor(RegressorMixin, _ClipTuned):
 
     def fit(self, X: Any, y: Any) -> ClipTunedRegressor:
         """Tune the clip on a validation split of (X, y), then refit the best on all of it."""
-        X, y = validate_data(self, X, y, dtype=np.float32, multi_output=True, y_numeric=True)
+        X, y = validate_data(self, X, y, dtype=np.float32, multi_output=True, y_numeric=True,
+                             allow_nd=True)
         self._y_1d = y.ndim == 1
         Y = np.asarray(y, dtype=np.float32).reshape(len(y), -1)
         self._fit(X, Y, self.loss or "mse", Y.shape[1])
@@ -162,7 +182,7 @@ class ClipTunedClassifier(ClassifierMixin, _ClipTuned):
 
     def fit(self, X: Any, y: Any) -> ClipTunedClassifier:
         """Tune the clip on a validation split of (X, y), then refit the best on all of it."""
-        X, y = validate_data(self, X, y, dtype=np.float32)
+        X, y = validate_data(self, X, y, dtype=np.float32, allow_nd=True)
         check_classification_targets(y)
         encoder = LabelEncoder().fit(y)
         self.classes_ = encoder.classes_

@@ -26,6 +26,8 @@ import optuna
 from optuna.storages import BaseStorage, RetryHeartbeatStaleTrialCallback
 from optuna.trial import TrialState
 
+from cliptune._optuna import has_native_heartbeat, storage_of
+
 HEARTBEAT_ATTR = "cliptune.heartbeat"
 _SECRET_KEYS = ("password", "passwd", "pwd", "secret", "token", "api_key", "apikey")
 _RDB_SCHEMES = ("sqlite", "postgresql", "mysql")
@@ -162,21 +164,15 @@ def _retry_callback() -> RetryHeartbeatStaleTrialCallback:
         return RetryHeartbeatStaleTrialCallback(max_retry=3)
 
 
-def _has_native_heartbeat(storage: BaseStorage) -> bool:
-    from optuna.storages._heartbeat import is_heartbeat_enabled
-
-    return is_heartbeat_enabled(storage)
-
-
 def watches_liveness(storage: BaseStorage) -> bool:
     """Whether dead workers' trials on ``storage`` become FAIL in time (so waiting on them ends)."""
-    return _has_native_heartbeat(storage) or isinstance(storage, optuna.storages.JournalStorage)
+    return has_native_heartbeat(storage) or isinstance(storage, optuna.storages.JournalStorage)
 
 
 def fail_stale_trials(study: optuna.Study, heartbeat: Heartbeat) -> None:
     """Fail (and retry) RUNNING trials whose worker stopped beating: Optuna's way, or ours on a journal."""
-    storage = study._storage
-    if _has_native_heartbeat(storage):
+    storage = storage_of(study)
+    if has_native_heartbeat(storage):
         with quiet_experimental():
             optuna.storages.fail_stale_trials(study)
         return

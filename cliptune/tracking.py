@@ -8,8 +8,8 @@ sends values in batches: a run's metrics, params and tags go out in one ``log_ba
 
 from __future__ import annotations
 
+import logging
 import math
-import sys
 import tempfile
 import time
 import warnings
@@ -24,16 +24,24 @@ if TYPE_CHECKING:
     import optuna
 
     from cliptune.config import ClipConfig
+    from cliptune.result import TuneResult
+
+log = logging.getLogger("cliptune")
 
 LOCAL_UI = "http://127.0.0.1:5000"  # what a plain ``mlflow ui`` serves
+ML_WORKFLOW = "workflowType=machine_learning"  # opens the UI in its model-training mode
 PARENT_ATTR = "cliptune.mlflow_parent_run_id"  # study user attribute: the job's parent run
-_END_STATUS = {"COMPLETE": "FINISHED", "PRUNED": "FINISHED", "FAIL": "FAILED"}
+# A pruned trial's run ends KILLED (stopped early), so the runs table tells it from a complete one.
+_END_STATUS = {"COMPLETE": "FINISHED", "PRUNED": "KILLED", "FAIL": "FAILED"}
 _MAX_PARAM, _MAX_TAG = 6000, 8000  # MLflow's value length limits
 _MAX_METRICS, _MAX_PARAMS_TAGS = 1000, 100  # MLflow's per-batch limits
 
 
 class Tracker:
     """What the tuner tells a tracker. This base class records nothing (``tracking=False``)."""
+
+    def open(self) -> None:
+        """Before the study is created or loaded: check that the store can be written."""
 
     def start(self, study: optuna.Study, job: dict[str, Any]) -> None:
         """A tuning job starts on ``study`` with the job's parameters."""
@@ -52,7 +60,7 @@ class Tracker:
                     tags: dict[str, str]) -> None:
         """The best config was refit (``tune(refit=True)``): keep the model with its signature."""
 
-    def finish(self, study: optuna.Study) -> None:
+    def finish(self, result: TuneResult) -> None:
         """The job ended: record the best config and the summary."""
 
 
@@ -134,11 +142,24 @@ class MlflowTracker(Tracker):
 
     # -- the hooks ---------------------------------------------------------------------------
 
+    def open(self) -> None:
+        try:
+            retry_schema_races(self._connect)  # workers may open a fresh store together
+        except Exception as exc:
+            raise self._unreachable(exc) from exc
+
+    def _unreachable(self, exc: Exception) -> ValueError:
+        return ValueError(f"Cannot record the tuning job in MLflow at tracking URI "
+                          f"{mask_url(self.tracking_uri)!r}: {type(exc).__name__}: "
+                          f"{mask_url(str(exc))}. Check that the store is reachable, or pass "
+                          "another tracking_uri or tracking=False.")
+
     def start(self, study: optuna.Study, job: dict[str, Any]) -> None:
         from mlflow.entities import Param
 
         try:
-            retry_schema_races(self._connect)  # workers may open a fresh store together
+            if self.client is None:
+                retry_schema_races(self._connect)
             self.parent_id = self._shared_parent(study)
             if self.parent_id is None:  # the study's first worker opens the job's parent run
                 name = study.study_name  # an in-memory study's is Optuna's "no-name-<uuid>"
@@ -150,11 +171,8 @@ class MlflowTracker(Tracker):
                 self._send(self.parent_id,
                            params=[Param(k, _text(v, _MAX_PARAM)) for k, v in job.items()])
         except Exception as exc:
-            raise ValueError(f"Cannot record the tuning job in MLflow at tracking URI "
-                             f"{mask_url(self.tracking_uri)!r}: {type(exc).__name__}: {exc}. Check "
-                             "that the store is reachable, or pass another tracking_uri or tracking=False."
-                             ) from exc
-        self._print_links("tracking the tuning job in")
+            raise self._unreachable(exc) from exc
+        self._log_links("tracking the tuning job in")
 
     def trial_started(self, trial: optuna.Trial, clip: ClipConfig, extras: dict[str, Any]) -> None:
         self._guard(self._trial_started, trial, clip, extras)
@@ -170,9 +188,9 @@ class MlflowTracker(Tracker):
                     tags: dict[str, str]) -> None:
         self._guard(self._model_refit, model, framework, sample, output, tags)
 
-    def finish(self, study: optuna.Study) -> None:
-        if self.parent_id is not None and self._guard(self._finish, study):
-            self._print_links("the tuning job is recorded in")
+    def finish(self, result: TuneResult) -> None:
+        if self.parent_id is not None and self._guard(self._finish, result):
+            self._log_links("the tuning job is recorded in")
 
     # -- the work behind them ----------------------------------------------------------------
 
@@ -250,16 +268,14 @@ class MlflowTracker(Tracker):
         uri, flavor = log_model(self.tracking_uri, self.parent_id, model, framework, sample, output)
         self._send(self.parent_id, tags=[RunTag(k, v) for k, v in
                                          {**tags, "cliptune.model_uri": uri}.items()])
-        print(f"cliptune: the refit model is logged as {uri} (load it with "
-              f"mlflow.{flavor}.load_model)", file=sys.stderr)
+        log.info("the refit model is logged as %s (load it with mlflow.%s.load_model)", uri, flavor)
 
-    def _finish(self, study: optuna.Study) -> None:
+    def _finish(self, result: TuneResult) -> None:
         from mlflow.entities import Metric, Param, RunTag
 
         from cliptune.report import write_report
-        from cliptune.tuner import TuneResult
 
-        result = TuneResult.from_study(study)
+        study = result.study
         params, tags = {}, {}
         if result.best_config is not None:
             params = {"best_clip_mode": result.best_config.mode.value,
@@ -304,7 +320,7 @@ class MlflowTracker(Tracker):
             return False
         return True
 
-    def _print_links(self, what: str) -> None:
+    def _log_links(self, what: str) -> None:
         ui = ui_url(self.tracking_uri)
         runs = f"{ui}/#/experiments/{self.experiment_id}/runs"
         hint = ""
@@ -312,6 +328,6 @@ class MlflowTracker(Tracker):
             here = self.tracking_uri == f"sqlite:///{Path.cwd() / 'mlflow.db'}"
             hint = (" (open with `mlflow ui` in this folder)" if here else
                     f" (open with `mlflow ui --backend-store-uri {mask_url(self.tracking_uri)}`)")
-        print(f"cliptune: {what} MLflow experiment {self.experiment!r} at "
-              f"{mask_url(self.tracking_uri)}{hint}\n  runs table: {runs}\n"
-              f"  this job:   {runs}/{self.parent_id}", file=sys.stderr)
+        log.info("%s MLflow experiment %r at %s%s\n  runs table: %s?%s\n  this job:   %s/%s?%s",
+                 what, self.experiment, mask_url(self.tracking_uri), hint, runs, ML_WORKFLOW, runs,
+                 self.parent_id, ML_WORKFLOW)

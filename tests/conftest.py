@@ -80,3 +80,31 @@ def pg_url():
     yield f"postgresql://postgres@127.0.0.1:5432/{name}"
     with psycopg.connect(PG_ADMIN, autocommit=True) as conn:
         conn.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
+
+
+@pytest.fixture(autouse=True)
+def _cliptune_logs_reach_caplog() -> None:
+    """The CLI (run in-process by some tests) stops propagation of cliptune's logger; undo it."""
+    import logging
+
+    logger = logging.getLogger("cliptune")
+    logger.propagate = True
+    logger.setLevel(logging.INFO)
+    logger.handlers.clear()
+
+
+def run_task(framework: str, model_fn, splits, clip, extras=None, rules="default", seed=0,
+             **training):
+    """Train one trial in cliptune's built-in loop of ``framework``, through a real Trial handle.
+
+    Returns the model and the trial's monitor (its reporter is a real Optuna trial)."""
+    from cliptune import StabilityRules, TrialMonitor
+    from cliptune.backends import make_task
+    from cliptune.settings import Training
+    from cliptune.trial import Trial
+
+    task = make_task(framework, model_fn, splits, Training(**training), threads=None)
+    monitor = TrialMonitor(optuna.create_study().ask(),
+                           StabilityRules() if rules == "default" else rules)
+    model = task(Trial(clip, extras or {}, 0, seed, monitor))
+    return model, monitor

@@ -14,13 +14,9 @@ tf = pytest.importorskip("tensorflow")
 keras = pytest.importorskip("keras")
 
 from cliptune import ClipConfig, Clipper, SearchSpace, Tracker, clip_grads_, tune  # noqa: E402
-from cliptune.backends import TrainSettings  # noqa: E402
-from cliptune.backends._keras import BACKEND as KERAS  # noqa: E402
-from cliptune.backends._keras import keras_optimizer  # noqa: E402
-from cliptune.backends._torch import BACKEND as TORCH  # noqa: E402
+from cliptune.backends._keras_optimizer import keras_optimizer  # noqa: E402
 from cliptune.data import make_splits  # noqa: E402
-from cliptune.stability import TrialMonitor  # noqa: E402
-from tests.conftest import pin_tensorflow_threads, regression_data  # noqa: E402
+from tests.conftest import pin_tensorflow_threads, regression_data, run_task  # noqa: E402
 
 pin_tensorflow_threads()
 
@@ -224,11 +220,9 @@ def _dense_model() -> keras.Model:
 def test_keras_training_matches_fit_with_keras_optimizer(mode: str, param: float) -> None:
     X, y = regression_data(n=64)
     clip = ClipConfig(mode, param)  # type: ignore[arg-type]
-    settings = TrainSettings("mse", "sgd", 0.1, epochs=4, batch_size=8)
-    monitor = TrialMonitor(optuna.create_study().ask(), None)
     data = tf.data.Dataset.from_tensor_slices((X, y)).batch(8)  # the same batches in both
-    ours = KERAS.train(_dense_model, make_splits((data, data)), clip, {}, settings, monitor,
-                       seed=3)
+    ours, monitor = run_task("keras", _dense_model, make_splits((data, data)), clip, seed=3,
+                             rules=None, loss="mse", optimizer="sgd", lr=0.1, epochs=4, batch_size=8)
     keras.utils.set_random_seed(3)
     ref = _dense_model()
     ref.compile(optimizer=keras_optimizer(clip, "sgd", learning_rate=0.1), loss="mse",
@@ -328,9 +322,9 @@ def test_import_cliptune_loads_no_torch_and_exports_clipper_lazily() -> None:
 
 def test_each_torch_trial_starts_a_fresh_clip_state() -> None:
     splits = make_splits(regression_data(n=64), 0.25, 0)
-    settings = TrainSettings("mse", "sgd", 0.05, epochs=3, batch_size=4)  # 36 steps: past warm-up
-    models = [TORCH.train(_torch_model, splits, ClipConfig("zclip", 1.0), {}, settings,
-                          TrialMonitor(optuna.create_study().ask(), None), seed=0)
+    models = [run_task("torch", _torch_model, splits, ClipConfig("zclip", 1.0), rules=None,
+                       loss="mse",
+                       optimizer="sgd", lr=0.05, epochs=3, batch_size=4)[0]  # 36 steps: past warm-up
               for _ in range(2)]
     for a, b in zip(models[0].parameters(), models[1].parameters(), strict=True):
         assert torch.equal(a, b)
@@ -341,8 +335,9 @@ def test_cli_one_liners_use_a_clipper_and_keras_optimizer_for_adaptive_modes() -
 
     from cliptune._cli_show import _one_liners
 
-    result = SimpleNamespace(best_config=ClipConfig("zclip", 2.345678), best_extras={"lr": 0.01})
-    lines = _one_liners(result, None)  # type: ignore[arg-type]
+    result = SimpleNamespace(best_config=ClipConfig("zclip", 2.345678), best_extras={"lr": 0.01},
+                             study=SimpleNamespace(user_attrs={}))
+    lines = _one_liners(result)  # type: ignore[arg-type]
     assert lines["torch"].startswith("clipper = cliptune.Clipper(ClipConfig(mode='zclip', "
                                      "threshold=2.346))")
     assert lines["keras"] == ("cliptune.keras_optimizer(ClipConfig(mode='zclip', threshold=2.346), "

@@ -182,8 +182,8 @@ BAD_SPACE = "version: 1\nmodes: {norm: {threshold: {low: -1, high: 2}}}\n"
 @pytest.mark.parametrize(("change", "extra_args", "message"), [
     ({"optimizer": {"name": "sgd", "lrr": 0.1}}, [],
      r"job.yaml: optimizer.lrr: unknown key 'lrr'; .*Did you mean 'lr'\?"),
-    ({"epochs": "eight"}, [], r"job.yaml: epochs: expected a valid integer, got 'eight'"),
-    ({"n_trials": 0}, [], r"job.yaml: n_trials: expected a number > 0, got 0"),
+    ({"epochs": "eight"}, [], r"job.yaml: epochs: expected an int >= 1, got 'eight'"),
+    ({"n_trials": 0}, [], r"job.yaml: n_trials: expected an int >= 1, got 0"),
     ({"model": "nosuchmod:make_model"}, [], r"job.yaml: model: cannot import module 'nosuchmod'"),
     ({"model": "tinymod:make_modle"}, [],
      r"job.yaml: model: 'tinymod' has no attribute 'make_modle'. Did you mean 'make_model'\?"),
@@ -278,18 +278,53 @@ def test_python_dash_m_shows_help(tmp_path: Path) -> None:
     assert done.returncode == 0 and "cliptune tune examples/adding_rnn.yaml" in done.stdout
 
 
-def test_ui_serves_the_local_store_on_localhost(monkeypatch: pytest.MonkeyPatch) -> None:
-    seen: list[list[str]] = []
-    monkeypatch.setattr(cli.subprocess, "call", lambda command: seen.append(command) or 0)
-    assert cli.main(["ui", "--port", "5123"]) == 0
-    command = seen[0]
-    assert command[1:4] == ["-m", "mlflow", "ui"]
-    assert command[command.index("--backend-store-uri") + 1] == "sqlite:///mlflow.db"
-    assert command[command.index("--host") + 1] == "127.0.0.1"
-    assert command[command.index("--port") + 1] == "5123"
+def _free_port() -> int:
+    import socket
+
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+@pytest.mark.mlflow_server
+def test_ui_says_where_once_the_server_answers_and_masks_passwords(tmp_path: Path) -> None:
+    """A real ``mlflow ui``: the URL (in the UI's model-training mode) is printed only once the
+    server answers; the store URI's password never appears."""
+    from urllib.request import urlopen
+
+    port = _free_port()
+    store = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    env = {k: v for k, v in os.environ.items() if k != "MLFLOW_TRACKING_URI"}
+    proc = subprocess.Popen([sys.executable, "-m", "cliptune", "ui", "--port", str(port),
+                             "--tracking-uri", store], cwd=tmp_path, env=env,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    try:
+        lines = []
+        deadline = time.monotonic() + 240
+        while time.monotonic() < deadline:
+            line = proc.stderr.readline()
+            lines.append(line)
+            if line.startswith("MLflow UI for") or not line:
+                break
+        assert f"http://127.0.0.1:{port}/#/experiments?workflowType=machine_learning" in lines[-1]
+        with urlopen(f"http://127.0.0.1:{port}/health", timeout=5) as answer:  # it answers now
+            assert answer.status == 200
+    finally:
+        proc.send_signal(signal.SIGINT)
+        proc.wait(timeout=60)
+    secret = subprocess.Popen([sys.executable, "-m", "cliptune", "ui", "--port", str(_free_port()),
+                               "--tracking-uri", "postgresql://bob:hunter2@127.0.0.1:1/none"],
+                              cwd=tmp_path, env=env, stdout=subprocess.PIPE,
+                              stderr=subprocess.PIPE, text=True)
+    first = secret.stderr.readline()
+    time.sleep(3)  # let the server say something too
+    secret.send_signal(signal.SIGINT)
+    out, err = secret.communicate(timeout=60)
+    assert "postgresql://bob:***@127.0.0.1:1/none" in first
+    assert "hunter2" not in first + out + err
 
 
 @pytest.mark.parametrize("name", ["adding_rnn.yaml", "keras_lstm.yaml"])
 def test_shipped_example_jobs_are_valid(name: str) -> None:
     job = Job.load(REPO / "examples" / name)
-    assert job.spec.search_space == "rnn" and job.spec.model.startswith("examples.")
+    assert job.get("search_space").name == "rnn" and job.references["model"].startswith("examples.")

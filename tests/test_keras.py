@@ -15,12 +15,13 @@ torch = pytest.importorskip("torch")
 tf = pytest.importorskip("tensorflow")
 keras = pytest.importorskip("keras")
 
-from cliptune import ClipConfig, StabilityRules, Tracker, TrialMonitor, tune  # noqa: E402
-from cliptune.backends import TrainSettings, framework_of  # noqa: E402
-from cliptune.backends._keras import BACKEND, _changed, keras_optimizer  # noqa: E402
+from cliptune import ClipConfig, StabilityRules, Tracker, tune  # noqa: E402
+from cliptune.backends import framework_of  # noqa: E402
+from cliptune.backends._keras_optimizer import keras_optimizer  # noqa: E402
+from cliptune.backends._keras_trial import clip_fixed  # noqa: E402
 from cliptune.backends._torch_clip import clip_tensors_  # noqa: E402
 from cliptune.data import make_splits  # noqa: E402
-from tests.conftest import pin_tensorflow_threads, regression_data  # noqa: E402
+from tests.conftest import pin_tensorflow_threads, regression_data, run_task  # noqa: E402
 
 pin_tensorflow_threads()
 
@@ -46,13 +47,13 @@ def test_clip_parity_with_torch(case: str, mode: str, threshold: float) -> None:
     torch_grads = [torch.tensor(g) for g in grads]
     torch_norm, torch_changed = clip_tensors_(torch_grads, clip)
     tf_grads = [tf.constant(g) for g in grads]
-    keras_out = keras_optimizer(clip, "sgd", learning_rate=0.1)._clip_gradients(tf_grads)
-    for t, k in zip(torch_grads, keras_out, strict=True):  # rtol for the 1e4-scale tensor
+    fit_out = keras_optimizer(clip, "sgd", learning_rate=0.1)._clip_gradients(tf_grads)
+    trial_out, norm, changed = clip_fixed(tf_grads, clip)  # what Trial.clip does in TF
+    for t, k, c in zip(torch_grads, fit_out, trial_out, strict=True):  # rtol: 1e4-scale tensor
         np.testing.assert_allclose(t.numpy(), k.numpy(), atol=1e-6, rtol=1e-6)
-    norms = tf.stack([tf.norm(g) for g in tf_grads])
-    keras_changed = _changed(tf_grads, norms, tf.norm(norms), clip)
-    assert bool(keras_changed) == bool(torch_changed)
-    assert float(tf.norm(norms)) == pytest.approx(float(torch_norm), rel=1e-6)
+        np.testing.assert_allclose(t.numpy(), c.numpy(), atol=1e-6, rtol=1e-6)
+    assert bool(changed) == bool(torch_changed)
+    assert float(norm) == pytest.approx(float(torch_norm), rel=1e-6)
 
 
 def _dense_model() -> keras.Model:
@@ -66,36 +67,30 @@ def _compiled_dense_model() -> keras.Model:
     return model
 
 
-def _monitor(rules: StabilityRules | None = None) -> TrialMonitor:
-    return TrialMonitor(optuna.create_study().ask(), rules or StabilityRules())
-
-
 @pytest.mark.parametrize("mode", ["value", "norm", "global_norm"])
 def test_one_step_matches_fit_with_the_same_optimizer(mode: str) -> None:
     X, y = regression_data(n=64)
     splits = make_splits(((X, y), (X, y)))
     clip = ClipConfig(mode, 0.05)
-    settings = TrainSettings("mse", "sgd", 0.1, epochs=1, batch_size=64)
-    monitor = _monitor()
-    ours = BACKEND.train(_dense_model, splits, clip, {}, settings, monitor, seed=3)
+    ours, monitor = run_task("keras", _dense_model, splits, clip, seed=3, loss="mse",
+                             optimizer="sgd", lr=0.1, epochs=1, batch_size=64)
     keras.utils.set_random_seed(3)
     ref = _dense_model()
     ref.compile(optimizer=keras_optimizer(clip, "sgd", learning_rate=0.1), loss="mse")
     ref.fit(X, y, batch_size=64, epochs=1, shuffle=False, verbose=0)
     for a, b in zip(ours.get_weights(), ref.get_weights(), strict=True):
         np.testing.assert_allclose(a, b, atol=1e-6)
-    assert getattr(ours.optimizer, clip.keras_kwargs().popitem()[0]) == 0.05
-    assert monitor.history[0]["clip_fraction"] == 1.0  # the tiny threshold clips every step
+    assert getattr(ours.optimizer, clip.keras_kwargs().popitem()[0]) is None  # the trial clips,
+    assert monitor.history[0]["clip_fraction"] == 1.0  # once: the tiny threshold clips each step
 
 
 def test_compiled_model_keeps_its_loss_metrics_and_xla_choice() -> None:
     splits = make_splits(regression_data(n=64), 0.25, 0)
-    settings = TrainSettings(None, "adam", 0.01, epochs=2, batch_size=16)
-    monitor = _monitor()
-    model = BACKEND.train(_compiled_dense_model, splits,
-                          ClipConfig("global_norm", 1.0), {"lr": 0.02}, settings, monitor, 0)
+    model, monitor = run_task("keras", _compiled_dense_model, splits,
+                              ClipConfig("global_norm", 1.0), {"lr": 0.02}, loss=None,
+                              optimizer="adam", lr=0.01, epochs=2, batch_size=16)
     assert model.loss == "mae" and model.jit_compile is False
-    assert model.optimizer.global_clipnorm == 1.0
+    assert model.optimizer.global_clipnorm is None  # the trial's clip, not a second one
     assert float(model.optimizer.learning_rate) == pytest.approx(0.02)  # the 'lr' extra wins
     assert "mae" in model.evaluate(*splits.val, verbose=0, return_dict=True)
     assert len(monitor.history) == 2 and monitor.history[0]["clip_fraction"] >= 0.0
@@ -114,10 +109,9 @@ def test_eager_model_callable_loss_and_extras_factory() -> None:
         return model
 
     splits = make_splits(regression_data(n=64), 0.25, 0)
-    settings = TrainSettings(keras.losses.Huber(), "sgd", 0.01, epochs=1, batch_size=16)
-    monitor = _monitor()
-    model = BACKEND.train(model_fn, splits, ClipConfig("value", 0.1), {"momentum": 0.9},
-                          settings, monitor, seed=0)
+    model, monitor = run_task("keras", model_fn, splits, ClipConfig("value", 0.1),
+                              {"momentum": 0.9}, loss=keras.losses.Huber(), optimizer="sgd",
+                              lr=0.01, epochs=1, batch_size=16)
     assert seen == [{"momentum": 0.9}] and model.optimizer.momentum == 0.9
     assert isinstance(model.loss, keras.losses.Huber) and model.run_eagerly
     assert monitor.steps == 3 and math.isfinite(monitor.history[0]["val_loss"])
@@ -141,12 +135,12 @@ def _adding(n: int, seq: int = SEQ) -> tuple[np.ndarray, np.ndarray]:
 
 def test_nonfinite_loss_stops_the_epoch_at_once() -> None:
     splits = make_splits(_adding(640), 0.2, 0)  # 16 steps an epoch
-    settings = TrainSettings("mse", "sgd", 1e4, epochs=3, batch_size=32)
-    monitor = _monitor(StabilityRules(divergence_factor=1e300, spike_z=1e6))
-    with pytest.raises(optuna.TrialPruned, match="nonfinite: loss was"):
-        BACKEND.train(_lstm, splits, ClipConfig("none"), {}, settings, monitor, seed=0)
-    assert monitor.steps < 16
-    assert monitor.trial.user_attrs["prune_reason"] == "nonfinite"
+    rules = StabilityRules(divergence_factor=1e300, spike_z=1e6)
+    with pytest.raises(optuna.TrialPruned, match="nonfinite: loss was") as pruned:
+        run_task("keras", _lstm, splits, ClipConfig("none"), rules=rules, loss="mse",
+                 optimizer="sgd", lr=1e4, epochs=3, batch_size=32)
+    steps = int(str(pruned.value).rpartition("step ")[2])
+    assert steps < 16  # within the first epoch
 
 
 def test_tune_finds_a_stable_config_where_no_clip_explodes() -> None:
@@ -192,12 +186,11 @@ def test_tf_data_datasets_and_val_pairs_train() -> None:
     X, y = regression_data(n=96)
     train = tf.data.Dataset.from_tensor_slices((X[:64], y[:64])).batch(16)
     val = tf.data.Dataset.from_tensor_slices((X[64:], y[64:])).batch(16)
-    settings = TrainSettings("mse", "rmsprop", 0.01, epochs=2, batch_size=32)
     arrays = ((X[:64], y[:64]), (X[64:], y[64:]))
     for data, steps in (((train, val), 8), ({"train": train, "val": val}, 8), (arrays, 4)):
-        monitor = _monitor()  # datasets keep their own batches; arrays use batch_size
-        BACKEND.train(_dense_model, make_splits(data), ClipConfig("norm", 1.0), {}, settings,
-                      monitor, seed=0)
+        # datasets keep their own batches; arrays use batch_size
+        _, monitor = run_task("keras", _dense_model, make_splits(data), ClipConfig("norm", 1.0),
+                              loss="mse", optimizer="rmsprop", lr=0.01, epochs=2, batch_size=32)
         assert monitor.steps == steps and math.isfinite(monitor.history[-1]["val_loss"])
 
 
@@ -242,13 +235,13 @@ def test_bad_inputs_raise_clear_errors() -> None:
     X[3, 1] = np.nan
     with pytest.raises(ValueError, match="contains 1 NaN or infinite values"):
         _tune(_dense_model, (X, y))
-    with pytest.raises(ValueError, match="unknown loss 'msee'.*Did you mean 'mse'"):
+    with pytest.raises(ValueError, match="'loss' parameter of tune .*Got 'msee'.*Did you mean 'mse'"):
         _tune(_dense_model, loss="msee")
-    with pytest.raises(ValueError, match="unknown optimizer 'sdg'"):
+    with pytest.raises(ValueError, match="'optimizer' parameter of tune .*Got 'sdg'"):
         _tune(_dense_model, optimizer="sdg")
     with pytest.raises(TypeError, match="must return a keras.optimizers.Optimizer. Got str"):
         _tune(_dense_model, optimizer=lambda **kw: "adam")
-    with pytest.raises(TypeError, match="not an instance"):
+    with pytest.raises(TypeError, match="'optimizer' parameter of tune must be one of .* or a callable. Got <keras"):
         _tune(_dense_model, optimizer=keras.optimizers.Adam())
     with pytest.raises(ValueError, match="dropped the clip arguments"):  # before any trial
         _tune(_dense_model, optimizer=lambda learning_rate, **clip: keras.optimizers.SGD())

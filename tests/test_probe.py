@@ -14,9 +14,10 @@ from torch import nn  # noqa: E402
 
 import cliptune  # noqa: E402
 from cliptune import ClipMode, SearchSpace  # noqa: E402
-from cliptune.backends import TrainSettings, get_backend  # noqa: E402
+from cliptune.backends import make_task  # noqa: E402
 from cliptune.data import Splits  # noqa: E402
-from cliptune.probe import PROBE_ATTR, auto_ranges, describe, job_params  # noqa: E402
+from cliptune.probe import PROBE_ATTR, auto_ranges, describe, job_params, probe_gradients  # noqa: E402
+from cliptune.settings import Training  # noqa: E402
 from cliptune.space import ParamRange  # noqa: E402
 from tests.conftest import regression_data  # noqa: E402
 
@@ -40,6 +41,12 @@ def expected_gradient(X: np.ndarray, y: np.ndarray) -> tuple[np.ndarray, float]:
     return -2.0 / len(X) * X64.T @ y64[:, 0], -2.0 * float(y64.mean())
 
 
+def _probe(framework: str, model_fn: Any, splits: Splits, **training: Any) -> dict[str, Any]:
+    """The probe of a built-in loop: its train function run by a probe trial."""
+    task = make_task(framework, model_fn, splits, Training(**training), threads=None)
+    return probe_gradients(task, {}, seed=0, max_steps=200)
+
+
 def _tune(**kwargs: Any) -> cliptune.TuneResult:
     args = {"search_space": AUTO, "n_trials": 2, "epochs": 1, "batch_size": 128, "lr": 1e-9,
             "seed": 0, "tracking": False, **kwargs}
@@ -47,7 +54,7 @@ def _tune(**kwargs: Any) -> cliptune.TuneResult:
                          **{k: v for k, v in args.items() if k not in ("model_fn", "data")})
 
 
-def test_auto_ranges_follow_the_rule_on_a_known_gradient(capsys: pytest.CaptureFixture[str]) -> None:
+def test_auto_ranges_follow_the_rule_on_a_known_gradient(caplog: pytest.LogCaptureFixture) -> None:
     """One full-batch step on a zero linear model: every statistic is a closed-form number."""
     gw, gb = expected_gradient(*SPLITS[0])
     global_norm = math.sqrt(float(gw @ gw) + gb * gb)
@@ -74,7 +81,7 @@ def test_auto_ranges_follow_the_rule_on_a_known_gradient(capsys: pytest.CaptureF
             assert [dist.low, dist.high] == pytest.approx(ranges[mode]) and dist.log
     recorded = result.study.user_attrs["cliptune.search_space"]["modes"]["global_norm"]
     assert recorded["threshold"]["low"] == pytest.approx(0.5 * global_norm, rel=1e-5)
-    assert "auto threshold ranges from a probe: value [" in capsys.readouterr().err
+    assert "auto threshold ranges from a probe: value [" in caplog.text
 
 
 def test_the_rule_itself_and_zero_gradients() -> None:
@@ -88,7 +95,7 @@ def test_the_rule_itself_and_zero_gradients() -> None:
         auto_ranges({**stats, "max_abs_mean": 0.0}, [ClipMode.VALUE])
 
 
-def test_probe_stops_at_max_steps_and_reports_its_cost(capsys: pytest.CaptureFixture[str]) -> None:
+def test_probe_stops_at_max_steps_and_reports_its_cost(caplog: pytest.LogCaptureFixture) -> None:
     result = _tune(batch_size=8, probe_steps=5, model_fn=lambda: nn.Linear(4, 1), lr=0.01)
     info = result.study.user_attrs[PROBE_ATTR]
     assert (info["steps"], info["stopped"]) == (5, "max_steps")
@@ -96,23 +103,24 @@ def test_probe_stops_at_max_steps_and_reports_its_cost(capsys: pytest.CaptureFix
     params = job_params(info)
     assert params["probe_steps"] == 5 and set(params) >= {
         "probe_seconds", "auto_range_value", "auto_range_norm", "auto_range_global_norm"}
-    assert "(probe without clipping: 5 steps in" in capsys.readouterr().err
+    assert "(probe without clipping: 5 steps in" in caplog.text
 
 
 def test_a_resumed_study_reuses_the_recorded_ranges(tmp_path: Path,
                                                     monkeypatch: pytest.MonkeyPatch,
-                                                    capsys: pytest.CaptureFixture[str]) -> None:
+                                                    caplog: pytest.LogCaptureFixture) -> None:
+    import cliptune.probe
+
     storage = f"sqlite:///{tmp_path / 'study.db'}"
     first = _tune(storage=storage, study_name="s")
     recorded = first.study.user_attrs[PROBE_ATTR]
-    backend = type(get_backend("torch"))
 
     def no_probe(*args: Any, **kwargs: Any) -> dict[str, Any]:
         raise AssertionError("a resumed study must not probe again")
 
-    capsys.readouterr()
+    caplog.clear()
     with monkeypatch.context() as patch:
-        patch.setattr(backend, "probe", no_probe)
+        patch.setattr(cliptune.probe, "probe_gradients", no_probe)
         again = _tune(storage=storage, study_name="s", n_trials=4, seed=1, lr=0.01)  # other data
     assert again.study.user_attrs[PROBE_ATTR] == recorded and len(again.study.trials) == 4
     for trial in again.study.trials:
@@ -120,7 +128,7 @@ def test_a_resumed_study_reuses_the_recorded_ranges(tmp_path: Path,
         if mode != "none":
             dist = trial.distributions[f"clip_threshold_{mode}"]
             assert [dist.low, dist.high] == pytest.approx(recorded["ranges"][mode])
-    assert "recorded by the study's probe" in capsys.readouterr().err
+    assert "recorded by the study's probe" in caplog.text
     grown = {"modes": {"value": {"threshold": "auto"}}}
     first_only_global = _tune(storage=storage, study_name="t",
                               search_space={"modes": {"global_norm": {"threshold": "auto"}}})
@@ -131,10 +139,10 @@ def test_a_resumed_study_reuses_the_recorded_ranges(tmp_path: Path,
 
 
 def test_a_probe_that_goes_nonfinite_stops_early() -> None:
-    settings = TrainSettings("mse", "sgd", 0.5, 1, 8)
     X_big = (X * 30).astype(np.float32)
     splits = Splits((X_big, Y), (X_big[:16], Y[:16]))
-    record = get_backend("torch").probe(lambda: nn.Linear(4, 1), {}, splits, settings, 200)
+    record = _probe("torch", lambda: nn.Linear(4, 1), splits, loss="mse", lr=0.5, epochs=1,
+                    batch_size=8)
     assert record["stopped"] == "nonfinite"
     assert 0 < len(record["loss"]) < len(X) // 8  # stopped before the epoch's end
     assert all(math.isfinite(v) for v in record["global_norm"])
@@ -192,8 +200,8 @@ def test_keras_probe_sees_the_same_gradient() -> None:
         model.compile(jit_compile=False)
         return model
 
-    settings = TrainSettings("mse", "sgd", 1e-9, 1, 128)
-    record = get_backend("keras").probe(zero_dense, {}, Splits(*SPLITS), settings, 200)
+    record = _probe("keras", zero_dense, Splits(*SPLITS), loss="mse", lr=1e-9, epochs=1,
+                    batch_size=128)
     gw, gb = expected_gradient(*SPLITS[0])
     assert (len(record["loss"]), record["stopped"]) == (1, "epoch")
     assert record["global_norm"][0] == pytest.approx(math.sqrt(float(gw @ gw) + gb * gb), rel=1e-5)

@@ -15,7 +15,7 @@ from torch import nn  # noqa: E402
 
 import cliptune  # noqa: E402
 from cliptune import cli  # noqa: E402
-from cliptune.backends import get_backend  # noqa: E402
+from cliptune.backends._torch import TorchTask  # noqa: E402
 from cliptune.jobs import Job, JobError  # noqa: E402
 from cliptune.probe import PROBE_ATTR  # noqa: E402
 from cliptune.tracking import Tracker  # noqa: E402
@@ -52,15 +52,14 @@ def mse(model: nn.Module) -> float:
 
 def test_refit_trains_the_best_config_on_train_plus_validation(
         monkeypatch: pytest.MonkeyPatch) -> None:
-    backend = type(get_backend("torch"))
     seen: list[int] = []
-    train = backend.train
+    train = TorchTask.__call__
 
-    def spy(self: Any, model_fn: Any, splits: Any, *args: Any) -> Any:
-        seen.append(len(splits.train[0]))
-        return train(self, model_fn, splits, *args)
+    def spy(self: TorchTask, trial: Any) -> Any:
+        seen.append(len(self.splits.train[0]))
+        return train(self, trial)
 
-    monkeypatch.setattr(backend, "train", spy)
+    monkeypatch.setattr(TorchTask, "__call__", spy)
     recorder = Recorder()
     result = cliptune.tune(lambda: nn.Linear(4, 1), (X, Y), refit=True, tracker=recorder,
                            **{k: v for k, v in FAST.items() if k != "tracking"})
@@ -166,7 +165,7 @@ def test_job_key_refit_and_the_cli(tmp_path: Path, monkeypatch: pytest.MonkeyPat
     monkeypatch.syspath_prepend(str(Path(__file__).resolve().parent.parent))
     job = tmp_path / "job.yaml"
     job.write_text(JOB)
-    kwargs = Job.load(job).tune_kwargs()
+    _, kwargs = Job.load(job).arguments()
     assert kwargs["refit"] is True and kwargs["probe_steps"] == 3
     bad = tmp_path / "bad.yaml"
     bad.write_text(JOB.replace("refit: true", "refit: maybe"))

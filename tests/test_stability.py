@@ -8,6 +8,7 @@ import numpy as np
 import optuna
 import pytest
 
+import cliptune
 from cliptune import StabilityPruner, StabilityRules, TrialMonitor
 from cliptune.stability import is_diverged, is_nonfinite, robust_z
 
@@ -52,7 +53,7 @@ def test_nonfinite_loss_prunes_at_once(bad: float) -> None:
     losses = _noisy(30)
     losses[17] = bad
     assert _feed(monitor, losses) == 17
-    assert monitor.trial.study.trials[0].user_attrs["prune_reason"] == "nonfinite"
+    assert monitor.reporter.study.trials[0].user_attrs["prune_reason"] == "nonfinite"
 
 
 def test_nonfinite_gradient_norm_prunes_at_once() -> None:
@@ -66,16 +67,16 @@ def test_divergence_against_the_first_loss() -> None:
     monitor = _monitor(StabilityRules(divergence_factor=5.0))
     losses = _noisy(20) + [4.0, 4.5, 6.0]
     assert _feed(monitor, losses) == 22
-    attrs = monitor.trial.study.trials[0].user_attrs
+    attrs = monitor.reporter.study.trials[0].user_attrs
     assert attrs["prune_reason"] == "diverged" and "5 x first loss" in attrs["prune_detail"]
 
 
 def test_divergence_against_the_best_epoch() -> None:
     monitor = _monitor()
     _feed(monitor, _noisy(20))
-    monitor.epoch(0, 0.01, 0.01)
+    monitor.epoch(0, {"train_loss": 0.01, "val_loss": 0.01})
     with pytest.raises(optuna.TrialPruned, match="diverged: train_loss 0.5 > 10 x best epoch"):
-        monitor.epoch(1, 0.5, 0.5)
+        monitor.epoch(1, {"train_loss": 0.5, "val_loss": 0.5})
 
 
 def test_repeated_spikes_prune_but_one_spike_does_not() -> None:
@@ -87,7 +88,56 @@ def test_repeated_spikes_prune_but_one_spike_does_not() -> None:
         many[i] = 3.0
     monitor = _monitor()
     assert _feed(monitor, many) == 120
-    assert monitor.trial.study.trials[0].user_attrs["prune_reason"] == "spiking"
+    assert monitor.reporter.study.trials[0].user_attrs["prune_reason"] == "spiking"
+
+
+def test_a_converging_run_with_near_zero_noisy_loss_is_not_spiking() -> None:
+    """Near zero, minibatch noise is large in log space (10x bursts on hard batches) but tiny on
+    the loss's own scale: no spike. The old log-only rule pruned it."""
+    rng = np.random.default_rng(1)
+    start = list(np.linspace(1.0, 0.01, 100))
+    tail = list(1e-3 * np.exp(rng.normal(0, 0.1, 400)))
+    for i in range(150, 400, 7):
+        tail[i] = 1e-2  # 10x bursts of an easy task's hard batches
+    assert _feed(_monitor(), start + tail) == -1
+    old = _monitor(StabilityRules(spike_min_rise=1e-12))  # the log-only rule, for contrast
+    assert _feed(old, start + tail) > 0
+
+
+def test_a_real_spike_series_near_zero_is_still_caught() -> None:
+    rng = np.random.default_rng(2)
+    losses = list(np.linspace(1.0, 0.01, 100)) + list(1e-3 * np.exp(rng.normal(0, 0.1, 200)))
+    for i in (200, 210, 220):
+        losses[i] = 0.6  # back to 60% of the first loss: a real jump
+    monitor = _monitor()
+    assert _feed(monitor, losses) == 220
+    assert monitor.reporter.study.trials[0].user_attrs["prune_reason"] == "spiking"
+
+
+def test_skipped_steps_are_counted_and_only_a_long_run_of_them_prunes() -> None:
+    monitor = _monitor(StabilityRules(max_skipped_steps=3))
+    for _ in range(3):
+        monitor.step(1.0, None, None, skipped=True)
+    monitor.step(1.0, 1.0, False, skipped=False)
+    monitor.epoch(0, {"val_loss": 1.0})
+    assert monitor.history[0]["skipped_steps"] == 3
+    for _ in range(3):
+        monitor.step(1.0, None, None, skipped=True)
+    with pytest.raises(optuna.TrialPruned, match="skipped_steps: 4 steps in a row skipped"):
+        monitor.step(1.0, None, None, skipped=True)
+
+
+def test_a_nonfinite_loss_on_a_skipped_step_still_prunes() -> None:
+    monitor = _monitor()
+    with pytest.raises(optuna.TrialPruned, match="nonfinite: loss was nan"):
+        monitor.step(math.nan, None, None, skipped=True)
+
+
+def test_a_missing_metric_is_a_usage_error_naming_what_was_reported() -> None:
+    monitor = TrialMonitor(optuna.create_study().ask(), StabilityRules(), metric="bpc")
+    with pytest.raises(cliptune.UsageError, match=r"did not report the metric 'bpc' .*it "
+                                                  r"reported accuracy, val_loss"):
+        monitor.epoch(0, {"val_loss": 1.0, "accuracy": 0.5})
 
 
 def test_rules_off_lets_everything_through() -> None:
@@ -99,10 +149,10 @@ def test_epoch_reports_to_optuna_and_unpromising_prunes() -> None:
     study = optuna.create_study(pruner=StabilityPruner(optuna.pruners.ThresholdPruner(upper=1.0)))
     monitor = TrialMonitor(study.ask(), StabilityRules())
     _feed(monitor, _noisy(5))
-    monitor.epoch(0, None, 0.5)
+    monitor.epoch(0, {"val_loss": 0.5})
     _feed(monitor, _noisy(5))
     with pytest.raises(optuna.TrialPruned, match="unpromising: val_loss=2 at epoch 1"):
-        monitor.epoch(1, None, 2.0)
+        monitor.epoch(1, {"val_loss": 2.0})
     trial = study.trials[0]
     assert trial.intermediate_values == {0: 0.5, 1: 2.0}
     assert trial.user_attrs["prune_reason"] == "unpromising"
@@ -115,9 +165,9 @@ def test_epoch_statistics_and_objective() -> None:
                            on_epoch=lambda e, s: seen.append((e, s)))
     for loss, norm, clipped in [(1.0, 2.0, True), (3.0, 4.0, False)]:
         monitor.step(loss, norm, clipped)
-    monitor.epoch(0, None, 0.7)
+    monitor.epoch(0, {"val_loss": 0.7})
     monitor.step(1.0, 1.0, False)
-    monitor.epoch(1, None, 0.9)
+    monitor.epoch(1, {"val_loss": 0.9})
     assert seen[0] == (0, {"train_loss": 2.0, "val_loss": 0.7, "grad_norm_mean": 3.0,
                            "grad_norm_max": 4.0, "clip_fraction": 0.5})
     assert monitor.value() == 0.7  # best epoch

@@ -1,62 +1,34 @@
-"""Backends train one trial in one framework. This module picks one without importing a framework."""
+"""cliptune's own training loops, one per framework, picked without importing a framework here.
+
+A *task* is the train function of ``tune(model_fn, data)``: ``task(trial)`` trains one trial
+through the public :class:`cliptune.Trial` API, exactly as a user's ``tune_loop`` function would,
+and returns the model. Besides, a task checks its inputs once before the study (``check``), and
+gives what a refit needs (``with_splits``, ``predict``, ``sample_inputs``).
+"""
 
 from __future__ import annotations
 
 import importlib
 import inspect
 from collections.abc import Callable
-from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Protocol
 
 if TYPE_CHECKING:
-    from cliptune.config import ClipConfig
     from cliptune.data import Splits
-    from cliptune.stability import TrialMonitor
+    from cliptune.settings import Training
+    from cliptune.trial import Trial
 
 
-@dataclass(frozen=True)
-class TrainSettings:
-    """Everything about training a trial that is not the clip or the co-tuned extras."""
-
-    loss: str | Callable[..., Any] | None  # None: the backend's default (or a compiled loss)
-    optimizer: str | Callable[..., Any]
-    lr: float
-    epochs: int
-    batch_size: int
-    device: str = "cpu"
-    seed: int | None = None
-    threads: int | None = None  # intra-op threads, set when workers share the cores
-
-
-class Backend(Protocol):
-    """Trains trials in one framework; knows nothing of Optuna or MLflow, only the monitor."""
+class Task(Protocol):
+    """What the tuner needs of a built-in loop."""
 
     name: str
 
-    def check(self, model_fn: Callable[..., Any], extras: dict[str, Any], splits: Splits,
-              settings: TrainSettings, model: Any = None) -> None:
-        """One forward/backward pass on one batch, turning framework errors into clear ones.
-
-        ``model``: one the factory has just returned, so that it is not built twice."""
-
-    def train(self, model_fn: Callable[..., Any], splits: Splits, clip: ClipConfig,
-              extras: dict[str, Any], settings: TrainSettings, monitor: TrialMonitor,
-              seed: int | None) -> Any:
-        """Train one trial, calling ``monitor.step`` each step and ``monitor.epoch`` each epoch.
-
-        Returns the trained model.
-        """
-
-    def probe(self, model_fn: Callable[..., Any], extras: dict[str, Any], splits: Splits,
-              settings: TrainSettings, max_steps: int) -> dict[str, Any]:
-        """Train without clipping for one epoch or ``max_steps`` steps, stopping at a non-finite
-        value; per step the loss, global norm, per-tensor norms, largest |g| (see ``_probe``)."""
-
-    def predict(self, model: Any, X: Any) -> Any:
-        """The model's outputs for the rows ``X``, as a numpy array."""
-
-    def sample_inputs(self, data: Any, n: int = 5) -> Any:
-        """A few input rows of a split as a numpy array (for a model signature), or None."""
+    def __call__(self, trial: Trial) -> Any: ...
+    def check(self, extras: dict[str, Any], model: Any = None) -> None: ...
+    def with_splits(self, splits: Splits) -> Task: ...
+    def predict(self, model: Any, X: Any) -> Any: ...
+    def sample_inputs(self, data: Any, n: int = 5) -> Any: ...
 
 
 def call_factory(model_fn: Callable[..., Any], extras: dict[str, Any]) -> Any:
@@ -64,7 +36,9 @@ def call_factory(model_fn: Callable[..., Any], extras: dict[str, Any]) -> Any:
     return model_fn(dict(extras)) if inspect.signature(model_fn).parameters else model_fn()
 
 
-_BACKENDS = {"torch": "cliptune.backends._torch", "keras": "cliptune.backends._keras"}
+_MODULES = {"torch": ("cliptune.backends._torch", "TorchTask"),
+            "keras": ("cliptune.backends._keras", "KerasTask")}
+_BROADCASTING_LOSSES = ("mse", "bce_with_logits")
 
 
 def framework_of(model: object) -> str | None:
@@ -78,7 +52,25 @@ def framework_of(model: object) -> str | None:
     return None
 
 
-def get_backend(name: str) -> Backend:
-    """Load a backend by name ('torch' or 'keras'); its framework is imported now."""
-    module = importlib.import_module(_BACKENDS[name])
-    return module.BACKEND
+def make_task(framework: str, model_fn: Callable[..., Any], splits: Splits, training: Training,
+              threads: int | None) -> Task:
+    """The built-in loop of ``framework`` ('torch' or 'keras'); its framework is imported now."""
+    module, name = _MODULES[framework]
+    return getattr(importlib.import_module(module), name)(model_fn, splits, training, threads)
+
+
+def check_shapes(loss: Any, output: tuple[int, ...], target: tuple[int, ...]) -> None:
+    """Refuse outputs and targets that a broadcasting loss would silently pair up wrongly.
+
+    ``mse`` and ``bce_with_logits`` broadcast: (n, 3) outputs against (n, 1) targets, or (n, 1)
+    against (n,), train without complaint on a meaningless objective.
+    """
+    if loss not in _BROADCASTING_LOSSES and loss is not None:
+        return
+    if tuple(output) != tuple(target):
+        name = loss or "mse"
+        raise ValueError(
+            f"the model's outputs have shape {tuple(output)} but the targets have shape "
+            f"{tuple(target)}; the loss {name!r} would broadcast them and train on a meaningless "
+            "objective. Make the model's output match the targets (e.g. reshape y to "
+            f"{tuple(output)} or the output to {tuple(target)})")

@@ -1,23 +1,28 @@
-"""PyTorch backend: train one trial, apply the clip, tell the monitor; nothing else."""
+"""cliptune's own PyTorch loop: plain supervised training, written on the public ``Trial`` API.
+
+``TorchTask(model_fn, splits, training)`` is a train function like any user's: ``task(trial)``
+builds a fresh model, trains it with ``trial.clip_`` after each backward pass and reports
+``val_loss`` (and ``val_accuracy`` for the classification losses, and the user's ``metrics``)
+each epoch. ``task.check(...)`` is the pass before the study that turns shape, dtype and device
+mistakes into one clear error.
+"""
 
 from __future__ import annotations
 
 from collections.abc import Callable, Iterator
+from dataclasses import dataclass, replace
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import torch
 from torch import nn
 
-from cliptune._errors import unknown_name
-from cliptune.backends import call_factory
-from cliptune.backends._torch_adaptive import Clipper
+from cliptune.backends import call_factory, check_shapes
 
 if TYPE_CHECKING:
-    from cliptune.backends import TrainSettings
-    from cliptune.config import ClipConfig
     from cliptune.data import Splits
-    from cliptune.stability import TrialMonitor
+    from cliptune.settings import Training
+    from cliptune.trial import Trial
 
 _LOSSES: dict[str, Callable[[], nn.Module]] = {
     "mse": nn.MSELoss,
@@ -30,7 +35,6 @@ _OPTIMIZERS: dict[str, Callable[..., torch.optim.Optimizer]] = {
     "adamw": torch.optim.AdamW,
     "rmsprop": torch.optim.RMSprop,
 }
-_SYNC_EVERY = 16  # steps between reads of the step statistics off an accelerator
 
 
 def build_model(model_fn: Callable[..., Any], extras: dict[str, Any],
@@ -49,13 +53,10 @@ def build_model(model_fn: Callable[..., Any], extras: dict[str, Any],
 
 
 def make_loss(loss: str | Callable[..., Any] | None) -> Callable[..., torch.Tensor]:
+    """The loss module for a name (checked by the settings), a callable as it is."""
     if loss is None:
         return nn.MSELoss()
-    if callable(loss):
-        return loss
-    if loss not in _LOSSES:
-        raise unknown_name("loss", loss, _LOSSES)
-    return _LOSSES[loss]()
+    return loss if callable(loss) else _LOSSES[loss]()
 
 
 def make_optimizer(optimizer: str | Callable[..., Any], params: list[nn.Parameter],
@@ -66,13 +67,11 @@ def make_optimizer(optimizer: str | Callable[..., Any], params: list[nn.Paramete
             raise TypeError("An optimizer callable must return a torch.optim.Optimizer. "
                             f"Got {type(opt).__name__} instead.")
         return opt
-    if optimizer not in _OPTIMIZERS:
-        raise unknown_name("optimizer", optimizer, _OPTIMIZERS)
     kwargs = {k: extras[k] for k in ("momentum", "weight_decay") if k in extras}
     return _OPTIMIZERS[optimizer](params, lr=lr, **kwargs)
 
 
-def _tensors(pair: tuple[np.ndarray, np.ndarray], loss: str | Callable[..., Any],
+def _tensors(pair: tuple[np.ndarray, np.ndarray], loss: str | Callable[..., Any] | None,
              device: str) -> tuple[torch.Tensor, torch.Tensor]:
     X, y = pair
     x_t = torch.as_tensor(X, dtype=torch.float32 if X.dtype.kind == "f" else torch.long)
@@ -82,49 +81,78 @@ def _tensors(pair: tuple[np.ndarray, np.ndarray], loss: str | Callable[..., Any]
     return x_t.to(device), torch.as_tensor(y, dtype=y_dtype).to(device)
 
 
-def _batches(data: Any, settings: TrainSettings, shuffle: bool,
-             generator: torch.Generator | None) -> Iterator[tuple[Any, Any]]:
+def batches(data: Any, batch_size: int, device: str, shuffle: bool,
+            generator: torch.Generator | None) -> Iterator[tuple[Any, Any]]:
     """Mini-batches: index slices of in-memory tensors, or whatever a DataLoader yields."""
     if isinstance(data, tuple):
         X, y = data
         n = len(X)
         order = torch.randperm(n, generator=generator, device="cpu") if shuffle else None
-        for start in range(0, n, settings.batch_size):
+        for start in range(0, n, batch_size):
             if order is None:
-                yield X[start:start + settings.batch_size], y[start:start + settings.batch_size]
+                yield X[start:start + batch_size], y[start:start + batch_size]
             else:
-                idx = order[start:start + settings.batch_size].to(X.device)
+                idx = order[start:start + batch_size].to(X.device)
                 yield X[idx], y[idx]
         return
     loader = data
     if not isinstance(data, torch.utils.data.DataLoader):
-        loader = torch.utils.data.DataLoader(data, batch_size=settings.batch_size,
-                                             shuffle=shuffle, generator=generator)
+        loader = torch.utils.data.DataLoader(data, batch_size=batch_size, shuffle=shuffle,
+                                             generator=generator)
     for xb, yb in loader:
-        yield xb.to(settings.device), yb.to(settings.device)
+        yield xb.to(device), yb.to(device)
 
 
-class TorchBackend:
-    """Plain supervised training: forward, loss, backward, clip, monitor, step."""
+def _correct(loss: Any, out: torch.Tensor, y: torch.Tensor) -> torch.Tensor | None:
+    """Correct predictions in a batch, for the classification losses."""
+    if loss == "cross_entropy":
+        return (out.argmax(dim=1) == y).sum()
+    if loss == "bce_with_logits":
+        return ((out > 0) == (y > 0.5)).all(dim=-1).sum() if out.ndim > 1 else \
+            ((out > 0) == (y > 0.5)).sum()
+    return None
 
-    name = "torch"
 
-    def _prepare(self, splits: Splits, settings: TrainSettings) -> tuple[Any, Any]:
-        if splits.is_arrays:
-            return (_tensors(splits.train, settings.loss, settings.device),
-                    _tensors(splits.val, settings.loss, settings.device))
-        return splits.train, splits.val
+@dataclass
+class TorchTask:
+    """Train one trial of ``tune(model_fn, data)`` on torch: a train function for the runner."""
 
-    def check(self, model_fn: Callable[..., Any], extras: dict[str, Any], splits: Splits,
-              settings: TrainSettings, model: Any = None) -> None:
-        _check_device(settings.device)
-        model = build_model(model_fn, extras, model).to(settings.device)
-        loss_fn = make_loss(settings.loss)
-        make_optimizer(settings.optimizer, list(model.parameters()), settings.lr, extras)
-        train, _ = self._prepare(splits, settings)
-        xb, yb = next(_batches(train, settings, shuffle=False, generator=None))
+    model_fn: Callable[..., Any]
+    splits: Splits
+    training: Training
+    threads: int | None = None
+    name: str = "torch"
+
+    def __getstate__(self) -> dict[str, Any]:
+        return {k: v for k, v in self.__dict__.items() if k != "_cache"}
+
+    def with_splits(self, splits: Splits) -> TorchTask:
+        return replace(self, splits=splits)
+
+    def _data(self) -> tuple[Any, Any]:
+        """The splits as device tensors (once per process), or the user's datasets."""
+        if not self.splits.is_arrays:
+            return self.splits.train, self.splits.val
+        cache = self.__dict__.get("_cache")
+        if cache is None:
+            t = self.training
+            cache = self.__dict__["_cache"] = (_tensors(self.splits.train, t.loss, t.device),
+                                               _tensors(self.splits.val, t.loss, t.device))
+        return cache
+
+    def check(self, extras: dict[str, Any], model: Any = None) -> None:
+        """One forward/backward pass on one batch, turning framework errors into clear ones."""
+        t = self.training
+        _check_device(t.device)
+        model = build_model(self.model_fn, extras, model).to(t.device)
+        loss_fn = make_loss(t.loss)
+        make_optimizer(t.optimizer, list(model.parameters()), t.lr, extras)
+        train, _ = self._data()
+        xb, yb = next(batches(train, t.batch_size, t.device, shuffle=False, generator=None))
         try:
-            loss = loss_fn(model(xb), yb)
+            out = model(xb)
+            check_shapes(t.loss, tuple(out.shape), tuple(yb.shape))
+            loss = loss_fn(out, yb)
         except Exception as exc:  # shape and dtype mismatches surface here, before the study
             raise ValueError(
                 f"One training batch failed the forward pass or the loss: {exc} "
@@ -136,59 +164,54 @@ class TorchBackend:
                              "use a reduction such as 'mean'.")
         loss.backward()
 
-    def train(self, model_fn: Callable[..., Any], splits: Splits, clip: ClipConfig,
-              extras: dict[str, Any], settings: TrainSettings, monitor: TrialMonitor,
-              seed: int | None) -> nn.Module:
+    def __call__(self, trial: Trial) -> nn.Module:
+        t = self.training
+        if self.threads:
+            torch.set_num_threads(self.threads)
         generator = None
-        if settings.threads:
-            torch.set_num_threads(settings.threads)
-        if seed is not None:
-            torch.manual_seed(seed)
-            generator = torch.Generator().manual_seed(seed)
-        model = build_model(model_fn, extras).to(settings.device)
+        if trial.seed is not None:
+            torch.manual_seed(trial.seed)
+            generator = torch.Generator().manual_seed(trial.seed)
+        model = build_model(self.model_fn, trial.extras).to(t.device)
         params = [p for p in model.parameters() if p.requires_grad]
-        optimizer = make_optimizer(settings.optimizer, params, extras.get("lr", settings.lr),
-                                   extras)
-        loss_fn = make_loss(settings.loss)
-        train, val = self._prepare(splits, settings)
-        on_cpu = torch.device(settings.device).type == "cpu"
-        clipper = Clipper(clip)  # an adaptive clip's state belongs to this trial only
-        for epoch in range(settings.epochs):
+        optimizer = make_optimizer(t.optimizer, params, trial.extras.get("lr", t.lr), trial.extras)
+        loss_fn = make_loss(t.loss)
+        train, val = self._data()
+        for epoch in range(t.epochs):
             model.train()
-            pending: list[torch.Tensor] = []
-            for xb, yb in _batches(train, settings, shuffle=True, generator=generator):
+            for xb, yb in batches(train, t.batch_size, t.device, True, generator):
                 optimizer.zero_grad(set_to_none=True)
                 loss = loss_fn(model(xb), yb)
                 loss.backward()
-                norm, clipped = clipper.clip_([p for p in params if p.grad is not None])
-                if on_cpu:  # reading a CPU tensor costs no sync
-                    monitor.step(loss.item(), norm.item(), bool(clipped))
-                else:
-                    pending.append(torch.stack([loss.detach().float(), norm, clipped.float()]))
-                    if len(pending) == _SYNC_EVERY:
-                        _flush(pending, monitor)
+                trial.clip_(params, loss)
                 optimizer.step()
-            _flush(pending, monitor)
-            monitor.epoch(epoch, None, self.evaluate(model, val, loss_fn, settings))
+            trial.report(epoch, **self.evaluate(model, val, loss_fn))
         return model
 
     @torch.no_grad()
-    def evaluate(self, model: nn.Module, data: Any, loss_fn: Callable[..., Any],
-                 settings: TrainSettings) -> float:
-        """Mean loss over a split, weighted by batch size."""
+    def evaluate(self, model: nn.Module, data: Any, loss_fn: Callable[..., Any]) -> dict[str, float]:
+        """Validation metrics: the mean loss (weighted by batch size), accuracy, the user's."""
+        t = self.training
         model.eval()
-        total, count = torch.zeros((), device=settings.device), 0
-        for xb, yb in _batches(data, settings, shuffle=False, generator=None):
-            total += loss_fn(model(xb), yb).detach().float() * len(xb)
+        total, correct, count = torch.zeros((), device=t.device), None, 0
+        outs, ys = [], []
+        for xb, yb in batches(data, t.batch_size, t.device, shuffle=False, generator=None):
+            out = model(xb)
+            total += loss_fn(out, yb).detach().float() * len(xb)
             count += len(xb)
-        return float(total) / max(count, 1)
-
-    # Beyond a trial (in _torch_tools): a probe for ``threshold: auto``, predictions, a sample.
-    def probe(self, model_fn: Callable[..., Any], extras: dict[str, Any], splits: Splits,
-              settings: TrainSettings, max_steps: int) -> dict[str, Any]:
-        from cliptune.backends._torch_tools import probe
-
-        return probe(self, model_fn, extras, splits, settings, max_steps)
+            right = _correct(t.loss, out, yb)
+            if right is not None:
+                correct = right if correct is None else correct + right
+            if t.metrics:
+                outs.append(out)
+                ys.append(yb)
+        metrics = {"val_loss": float(total) / max(count, 1)}
+        if correct is not None:
+            metrics["val_accuracy"] = float(correct) / max(count, 1)
+        if t.metrics:
+            out, y = torch.cat(outs), torch.cat(ys)
+            metrics.update({f"val_{name}": float(fn(out, y)) for name, fn in t.metrics.items()})
+        return metrics
 
     def predict(self, model: nn.Module, X: np.ndarray) -> np.ndarray:
         from cliptune.backends._torch_tools import predict
@@ -212,14 +235,3 @@ def _check_device(device: str) -> None:
     if kind in available and not available[kind]():
         raise ValueError(f"device={device!r} was asked for, but this torch ({torch.__version__}) "
                          f"has no {kind} device here. Use device='cpu'.")
-
-
-def _flush(pending: list[torch.Tensor], monitor: TrialMonitor) -> None:
-    """Hand buffered step statistics to the monitor with one device read."""
-    if pending:
-        for loss, norm, clipped in torch.stack(pending).tolist():
-            monitor.step(loss, norm, clipped > 0.5)
-        pending.clear()
-
-
-BACKEND = TorchBackend()

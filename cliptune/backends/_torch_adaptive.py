@@ -20,37 +20,35 @@ from cliptune.backends._adaptive_rules import (
     ZCLIP_EPS,
     ZCLIP_WARMUP,
 )
-from cliptune.backends._torch_clip import _norms, clip_tensors_
+from cliptune.backends._torch_clip import clip_tensors_, scale_, tensor_norms, unique_with_grad
 from cliptune.config import ClipConfig, ClipMode
 
 Tensor = torch.Tensor
 
 
-def _params(parameters: Tensor | Iterable[Tensor]) -> list[Tensor]:
-    if isinstance(parameters, Tensor):
-        parameters = [parameters]
-    return [p for p in parameters if p.grad is not None]
-
-
 def unit_norms(x: Tensor) -> Tensor:
-    """L2 norm of each output unit (dim 0) of a torch parameter; a 0-D or 1-D one is one unit."""
+    """L2 norm of each output unit (dim 0) of a torch parameter; a 0-D or 1-D one is one unit.
+
+    Accumulated in float32 (float64 for a float64 tensor)."""
+    dtype = torch.float64 if x.dtype == torch.float64 else torch.float32
     if x.ndim <= 1:
-        return torch.linalg.vector_norm(x).reshape(1)
-    return torch.linalg.vector_norm(x.reshape(x.shape[0], -1), dim=1)
+        return torch.linalg.vector_norm(x, dtype=dtype).reshape(1)
+    return torch.linalg.vector_norm(x.reshape(x.shape[0], -1), dim=1, dtype=dtype)
 
 
 def agc_(params: list[Tensor], lam: float) -> tuple[Tensor, Tensor]:
     """Unit-wise adaptive clip of ``params``' gradients in place; pre-clip global norm, changed."""
     squares, changed = [], []
+    acc = torch.float64 if any(p.grad.dtype == torch.float64 for p in params) else torch.float32
     for p in params:
         g = p.grad
-        g_norm = unit_norms(g).float()
-        max_norm = unit_norms(p.detach()).float().clamp_min(AGC_EPS) * lam
+        g_norm = unit_norms(g)
+        max_norm = unit_norms(p.detach()).to(g_norm.dtype).clamp_min(AGC_EPS) * lam
         trigger = g_norm > max_norm
         scale = torch.where(trigger, max_norm / g_norm.clamp_min(AGC_GRAD_FLOOR), 1.0)
         shape = (-1,) + (1,) * (g.ndim - 1) if g.ndim > 1 else ()
-        g.mul_(scale.to(g.dtype).reshape(shape))
-        squares.append(g_norm.square().sum())
+        g.mul_(scale.reshape(shape))  # in the norm's dtype; the product is rounded once
+        squares.append(g_norm.to(acc).square().sum())
         changed.append(trigger.any())
     return torch.stack(squares).sum().sqrt(), torch.stack(changed).any()
 
@@ -61,8 +59,7 @@ def _scale_(grads: list[Tensor], total: Tensor, limit: Tensor) -> Tensor:
     Unlike a fixed threshold, ``limit`` may be 0 (a history of zero norms): no 0/0 then.
     """
     changed = total > limit
-    scale = torch.where(changed, limit / total, 1.0)
-    torch._foreach_mul_(grads, scale.to(grads[0].dtype))
+    scale_(grads, torch.where(changed, limit / total, 1.0))
     return changed
 
 
@@ -103,11 +100,11 @@ class Clipper:
 
     def __call__(self, parameters: Tensor | Iterable[Tensor]) -> float:
         """Clip the gradients of ``parameters`` in place; return the pre-clip global norm."""
-        total, _ = self.clip_(_params(parameters))
+        total, _ = self.clip_(unique_with_grad(parameters))
         return float(total)
 
     def clip_(self, params: list[Tensor]) -> tuple[Tensor, Tensor]:
-        """Clip the gradients of ``params`` (all with a gradient) in place.
+        """Clip the gradients of ``params`` (each once, all with a gradient) in place.
 
         Returns the pre-clip global norm and whether anything changed, as tensors on the
         gradients' device (no sync).
@@ -122,7 +119,7 @@ class Clipper:
         if mode is ClipMode.AGC:
             return agc_(params, self.config.threshold)  # type: ignore[arg-type]
         grads = [p.grad for p in params]
-        total = torch.linalg.vector_norm(_norms(grads))
+        total = torch.linalg.vector_norm(tensor_norms(grads))
         if mode is ClipMode.AUTOCLIP:
             return total, _scale_(grads, total, self._percentile(total))
         return total, self._zclip_(grads, total)
@@ -158,8 +155,7 @@ class Clipper:
         spike = z > z_thres
         target = mean + z_thres**2 * std / torch.maximum(z, total.new_tensor(z_thres))  # type: ignore[operator]
         kept = torch.where(spike, target, total)
-        scale = torch.where(spike, target / total, 1.0)
-        torch._foreach_mul_(grads, scale.to(grads[0].dtype))
+        scale_(grads, torch.where(spike, target / total, 1.0))
         self._mean = ZCLIP_ALPHA * mean + (1 - ZCLIP_ALPHA) * kept  # type: ignore[operator]
         self._var = ZCLIP_ALPHA * var + (1 - ZCLIP_ALPHA) * (kept - self._mean).square()  # type: ignore[operator]
         return spike

@@ -2,6 +2,12 @@
 
 Scale factors follow Keras exactly (``g * t / max(norm, t)``), so both backends give the same
 numbers; a zero gradient keeps a scale of 1 and no division by zero happens.
+
+The numbers, for every dtype mix: gradients are grouped by device and dtype (as torch's own
+``clip_grad_norm_`` does); norms accumulate in float32 for float16/bfloat16/float32 gradients and in
+float64 when any gradient is float64 (a finite float64 norm never overflows); a scale factor stays
+in that accumulation dtype and each group is multiplied by it in place, never rounded to another
+tensor's dtype first; a parameter listed twice is counted and clipped once.
 """
 
 from __future__ import annotations
@@ -15,15 +21,56 @@ from cliptune.config import ClipConfig, ClipMode
 Tensor = torch.Tensor
 
 
-def _grads(parameters: Tensor | Iterable[Tensor]) -> list[Tensor]:
+def unique_with_grad(parameters: Tensor | Iterable[Tensor]) -> list[Tensor]:
+    """The parameters that have a gradient, each once (in their first order)."""
     if isinstance(parameters, Tensor):
         parameters = [parameters]
-    return [p.grad for p in parameters if p.grad is not None]
+    seen: set[int] = set()
+    out = []
+    for p in parameters:
+        if p.grad is not None and id(p) not in seen:
+            seen.add(id(p))
+            out.append(p)
+    return out
 
 
-def _norms(grads: list[Tensor]) -> Tensor:
-    """Per-tensor L2 norms as one float32 vector."""
-    return torch.stack([n.float() for n in torch._foreach_norm(grads)])
+def _groups(grads: list[Tensor]) -> list[list[Tensor]]:
+    """Gradients grouped by (device, dtype), for foreach kernels."""
+    groups: dict[tuple[torch.device, torch.dtype], list[Tensor]] = {}
+    for g in grads:
+        groups.setdefault((g.device, g.dtype), []).append(g)
+    return list(groups.values())
+
+
+def accumulation_dtype(grads: list[Tensor]) -> torch.dtype:
+    return torch.float64 if any(g.dtype == torch.float64 for g in grads) else torch.float32
+
+
+def tensor_norms(grads: list[Tensor]) -> Tensor:
+    """Per-tensor L2 norms as one vector (float32, or float64 if any gradient is float64), in the
+    order of ``grads``, on the first gradient's device."""
+    acc = accumulation_dtype(grads)
+    device = grads[0].device
+    by_id: dict[int, Tensor] = {}
+    for group in _groups(grads):
+        dtype = torch.float64 if group[0].dtype == torch.float64 else torch.float32
+        for g, n in zip(group, torch._foreach_norm(group, 2, dtype=dtype), strict=True):
+            by_id[id(g)] = n
+    return torch.stack([by_id[id(g)].to(device=device, dtype=acc) for g in grads])
+
+
+def scale_(grads: list[Tensor], scale: Tensor) -> None:
+    """Multiply every gradient in place by one scale (kept in its own dtype)."""
+    for group in _groups(grads):
+        torch._foreach_mul_(group, scale.to(group[0].device))
+
+
+def _scale_each_(grads: list[Tensor], scales: Tensor) -> None:
+    """Multiply each gradient in place by its own scale."""
+    by_id = dict(zip((id(g) for g in grads), scales.unbind(), strict=True))
+    for group in _groups(grads):
+        device = group[0].device
+        torch._foreach_mul_(group, [by_id[id(g)].to(device) for g in group])
 
 
 def _clamp_(grads: list[Tensor], t: float) -> tuple[Tensor, Tensor]:
@@ -33,42 +80,41 @@ def _clamp_(grads: list[Tensor], t: float) -> tuple[Tensor, Tensor]:
     this is ~9x faster than a foreach inf-norm (a slow kernel there) at 10M parameters, and about as
     fast as torch's ``clip_grad_value_``, which computes no norm (benchmarks/clip_kernels.py).
     """
-    zero = grads[0].new_zeros(())  # so that an empty tensor (or all) leaves something to stack
-    norms, low, high = [zero.float()], [zero], [zero]
+    acc = accumulation_dtype(grads)
+    device = grads[0].device
+    zero = torch.zeros((), dtype=acc, device=device)
+    norms, changed = [zero], [zero.bool()]
     for g in grads:
         if not g.numel():
             continue
         lo, hi = torch.aminmax(g)
-        norms.append(torch.linalg.vector_norm(g).float())
-        low.append(lo)
-        high.append(hi)
+        dtype = torch.float64 if g.dtype == torch.float64 else torch.float32
+        norms.append(torch._foreach_norm([g], 2, dtype=dtype)[0].to(device=device, dtype=acc))
+        changed.append(((hi > t) | (lo < -t)).to(device))
         g.clamp_(-t, t)
-    changed = (torch.stack(high) > t).any() | (torch.stack(low) < -t).any()
-    return torch.linalg.vector_norm(torch.stack(norms)), changed
+    return torch.linalg.vector_norm(torch.stack(norms)), torch.stack(changed).any()
 
 
 def clip_tensors_(grads: list[Tensor], clip: ClipConfig) -> tuple[Tensor, Tensor]:
     """Clip ``grads`` in place; return the pre-clip global L2 norm and whether anything changed.
 
     Both results stay tensors on the gradients' device, so a caller can read them without forcing
-    a device sync every step.
+    a device sync every step. ``grads`` must hold each tensor once.
     """
     if not grads:
         zero = torch.zeros((), dtype=torch.float32)
         return zero, zero.bool()
     mode, t = clip.mode, clip.threshold
     if mode is ClipMode.VALUE:
-        return _clamp_(grads, t)
-    norms = _norms(grads)
+        return _clamp_(grads, t)  # type: ignore[arg-type]
+    norms = tensor_norms(grads)
     total = torch.linalg.vector_norm(norms)
     if mode is ClipMode.NONE:
         return total, torch.zeros((), dtype=torch.bool, device=total.device)
     if mode is ClipMode.NORM:
-        scales = t / norms.clamp_min(t)
-        torch._foreach_mul_(grads, list(scales.to(grads[0].dtype).unbind()))
+        _scale_each_(grads, t / norms.clamp_min(t))  # type: ignore[operator]
         return total, (norms > t).any()
-    scale = t / total.clamp_min(t)  # GLOBAL_NORM
-    torch._foreach_mul_(grads, scale.to(grads[0].dtype))
+    scale_(grads, t / total.clamp_min(t))  # type: ignore[operator]  # GLOBAL_NORM
     return total, total > t
 
 
@@ -76,7 +122,7 @@ def clip_grads_(parameters: Tensor | Iterable[Tensor], config: ClipConfig) -> fl
     """Clip the gradients of ``parameters`` in place by ``config``; return the pre-clip global norm.
 
     Like ``torch.nn.utils.clip_grad_norm_``, it takes a tensor or an iterable of parameters and
-    skips those without a gradient.
+    skips those without a gradient; a parameter listed twice is clipped once.
 
     Example:
         >>> import torch
@@ -95,5 +141,5 @@ def clip_grads_(parameters: Tensor | Iterable[Tensor], config: ClipConfig) -> fl
         raise ValueError(f"clip_grads_ is stateless; the adaptive clip mode {config.mode.value!r} "
                          "keeps state across steps: create clipper = cliptune.Clipper(config) "
                          "once and call clipper(parameters) each step.")
-    total, _ = clip_tensors_(_grads(parameters), config)
+    total, _ = clip_tensors_([p.grad for p in unique_with_grad(parameters)], config)
     return float(total)

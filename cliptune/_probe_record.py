@@ -1,4 +1,4 @@
-"""The record a backend's gradient probe returns (shared by the backends; no framework here).
+"""The record of a gradient probe (see cliptune.probe): per step, what a probe trial saw.
 
 A probe trains without clipping for at most one epoch or ``max_steps`` steps and keeps, per step,
 the loss, the pre-clip global gradient norm, each parameter tensor's gradient norm and the largest
@@ -11,9 +11,10 @@ import math
 from typing import Any
 
 
-def new_record() -> dict[str, Any]:
+def new_record(max_steps: int) -> dict[str, Any]:
     """An empty probe record; ``stopped`` says why it ended ("epoch", "max_steps", "nonfinite")."""
-    return {"loss": [], "global_norm": [], "tensor_norms": [], "max_abs": [], "stopped": "epoch"}
+    return {"loss": [], "global_norm": [], "tensor_norms": [], "max_abs": [], "stopped": "epoch",
+            "max_steps": max_steps}
 
 
 def add_step(record: dict[str, Any], values: list[float]) -> bool:

@@ -1,0 +1,34 @@
+"""Every private Optuna API cliptune relies on, in one place (checked against Optuna 4.5 to 5.x).
+
+- a study's storage and id (``study._storage``, ``study._study_id``): for a cheap trial count
+  and for the liveness checks that Optuna's public API does not expose;
+- whether an RDB storage runs heartbeats (``optuna.storages._heartbeat``);
+- the random state of the TPE sampler and of its start-up random sampler (``_rng``), set per
+  trial so that a continued or shared study keeps sampling new points (see :mod:`cliptune._study`).
+"""
+
+from __future__ import annotations
+
+import optuna
+from optuna.storages import BaseStorage
+
+
+def storage_of(study: optuna.Study) -> BaseStorage:
+    return study._storage
+
+
+def n_trials_of(study: optuna.Study) -> int:
+    """How many trials the study has, in any state, without reading them."""
+    return study._storage.get_n_trials(study._study_id)
+
+
+def has_native_heartbeat(storage: BaseStorage) -> bool:
+    from optuna.storages._heartbeat import is_heartbeat_enabled
+
+    return is_heartbeat_enabled(storage)
+
+
+def reseed_tpe(sampler: optuna.samplers.TPESampler, seed: int) -> None:
+    """Set the random state of a TPE sampler and of the random sampler it starts with."""
+    sampler._rng.rng.seed(seed)
+    sampler._random_sampler._rng.rng.seed(seed)
