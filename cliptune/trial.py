@@ -85,6 +85,11 @@ class Trial:
         return f"Trial(number={self.number}, config={self.config!r}, extras={self.extras})"
 
     @property
+    def metric(self) -> str:
+        """The reported metric the study optimises (``val_loss`` unless ``metric=`` says)."""
+        return self.monitor.metric
+
+    @property
     def is_probe(self) -> bool:
         """Whether this trial is the gradient probe of ``threshold: auto`` (it never clips)."""
         return self._probe is not None
@@ -131,6 +136,13 @@ class Trial:
 
             self._keras = KerasClipState(self.config, probe=self.is_probe)
         return self._keras(grads, variables)
+
+    def keras_optimizer(self, optimizer: Any = "adam", **kwargs: Any) -> Any:
+        """A Keras optimizer that applies the trial's clip and records each step's statistics,
+        for ``model.fit`` with :class:`cliptune.integrations.keras.ClipTuneCallback`."""
+        from cliptune.integrations.keras import trial_optimizer
+
+        return trial_optimizer(self, optimizer, **kwargs)
 
     # -- any loop --------------------------------------------------------------------------
 
