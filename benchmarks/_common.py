@@ -130,3 +130,15 @@ def report(name: str, title: str, rows: list[dict[str, Any]], columns: Sequence[
 
 def target(what: str, measured: float, goal: str, met: bool) -> dict[str, Any]:
     return {"what": what, "measured": measured, "goal": goal, "met": bool(met)}
+
+
+def train_one(framework: str, model_fn: Callable[..., Any], splits: Any, clip: Any, monitor: Any,
+              seed: int | None, extras: dict[str, Any] | None = None, **training: Any) -> Any:
+    """One trial of cliptune's built-in loop (``framework`` "torch" or "keras"), as ``tune`` runs
+    it: the task called with a real ``Trial`` whose monitor is ``monitor``. Returns the model."""
+    from cliptune.backends import make_task
+    from cliptune.settings import Training
+    from cliptune.trial import Trial
+
+    task = make_task(framework, model_fn, splits, Training(**training), threads=None)
+    return task(Trial(clip, extras or {}, 0, seed, monitor))

@@ -51,8 +51,8 @@ def _monitor(trial: Any) -> Any:
     from cliptune import StabilityRules, TrialMonitor
 
     class TimedMonitor(TrialMonitor):
-        def epoch(self, epoch: int, train_loss: float | None, val_loss: float) -> None:
-            super().epoch(epoch, train_loss, val_loss)
+        def epoch(self, epoch: int, metrics: Any = None) -> None:
+            super().epoch(epoch, metrics)
             self.stamps.append(_stamp())
 
     monitor = TimedMonitor(trial, StabilityRules())
@@ -61,9 +61,8 @@ def _monitor(trial: Any) -> Any:
 
 
 def run_cliptune(splits: Any, epochs: int, jit: bool, study: Any) -> dict[str, list[float]]:
+    from benchmarks._common import train_one
     from cliptune import ClipConfig
-    from cliptune.backends import TrainSettings
-    from cliptune.backends._keras import BACKEND
     from examples.keras_lstm import make_model
 
     def model_fn() -> Any:
@@ -72,8 +71,8 @@ def run_cliptune(splits: Any, epochs: int, jit: bool, study: Any) -> dict[str, l
         return model
 
     monitor = _monitor(study.ask())
-    BACKEND.train(model_fn, splits, ClipConfig("global_norm", CLIP_T), {},
-                  TrainSettings("mse", "sgd", LR, epochs, BATCH), monitor, seed=0)
+    train_one("keras", model_fn, splits, ClipConfig("global_norm", CLIP_T), monitor, seed=0,
+              loss="mse", optimizer="sgd", lr=LR, epochs=epochs, batch_size=BATCH)
     return _epoch_times(monitor.stamps)
 
 

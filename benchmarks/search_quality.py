@@ -73,17 +73,15 @@ def train_fully(task: Task, clip: Any, seed: int, train_seed: int | None = None)
     """
     import optuna
 
-    from cliptune.backends import TrainSettings
-    from cliptune.backends._torch import BACKEND
+    from benchmarks._common import train_one
     from cliptune.data import make_splits
     from cliptune.stability import TrialMonitor
 
     splits = make_splits(task.data, 0.2, seed)
     train_seed = seed if train_seed is None else train_seed
-    settings = TrainSettings(task.loss, "sgd", task.lr, task.epochs, task.batch_size, "cpu",
-                             train_seed)
     monitor = TrialMonitor(optuna.create_study(pruner=optuna.pruners.NopPruner()).ask(), None)
-    BACKEND.train(task.counted_model_fn(), splits, clip, {}, settings, monitor, train_seed)
+    train_one("torch", task.counted_model_fn(), splits, clip, monitor, train_seed, loss=task.loss,
+              optimizer="sgd", lr=task.lr, epochs=task.epochs, batch_size=task.batch_size)
     value = monitor.value()
     return value if math.isfinite(value) else math.inf
 

@@ -80,10 +80,9 @@ def hooks_only(tracker: Any, study: Any) -> None:
 
 
 def whole_trial(tracker: Any, study: Any, splits: Any, model_fn: Callable[[], Any]) -> None:
-    """One trial as tune() runs it: hooks around TorchBackend.train with a TrialMonitor."""
+    """One trial as tune() runs it: hooks around the built-in loop with a real Trial."""
+    from benchmarks._common import train_one
     from cliptune import ClipConfig, StabilityRules
-    from cliptune.backends import TrainSettings
-    from cliptune.backends._torch import BACKEND
     from cliptune.stability import TrialMonitor
 
     trial, clip = study.ask(), ClipConfig("global_norm", 1.0)
@@ -92,8 +91,8 @@ def whole_trial(tracker: Any, study: Any, splits: Any, model_fn: Callable[[], An
     tracker.trial_started(trial, clip, {"lr": 0.05})
     monitor = TrialMonitor(trial, StabilityRules(),
                            on_epoch=lambda e, s: tracker.epoch(trial.number, e, s))
-    settings = TrainSettings("mse", "sgd", 0.05, EPOCHS, 64, "cpu", 0)
-    BACKEND.train(model_fn, splits, clip, {"lr": 0.05}, settings, monitor, 0)
+    train_one("torch", model_fn, splits, clip, monitor, 0, {"lr": 0.05}, loss="mse",
+              optimizer="sgd", lr=0.05, epochs=EPOCHS, batch_size=64)
     value = monitor.value()
     tracker.trial_finished(trial.number, "COMPLETE", value=value)
     study.tell(trial, value)

@@ -136,11 +136,11 @@ def optuna_trial_ms(kind: str, folder: Path, script: Script) -> float:
     import optuna
 
     from cliptune import SearchSpace
-    from cliptune.tuner import _default_sampler
+    from cliptune._study import default_sampler
 
     space = SearchSpace.shipped("default")
     study = optuna.create_study(storage=_bare_storage(kind, folder), study_name="bare",
-                                sampler=_default_sampler(0), pruner=cliptune_pruner())
+                                sampler=default_sampler(0), pruner=cliptune_pruner())
     history = [{"train_loss": 1.0, "val_loss": 1.0, "grad_norm_mean": 1.0, "grad_norm_max": 1.0,
                 "clip_fraction": 0.0}] * EPOCHS
 
@@ -194,25 +194,26 @@ def mlflow_trial_ms(folder: Path, mlflow_db: Path, n: int = 20) -> float:
 
 
 def train_ms(n: int = 20) -> float:
-    """The trial's training alone: TorchBackend.train with a monitor that does nothing."""
+    """The trial's training alone: the built-in loop with a monitor that does nothing."""
+    from benchmarks._common import train_one
     from cliptune import ClipConfig
-    from cliptune.backends import TrainSettings
-    from cliptune.backends._torch import BACKEND
     from cliptune.data import make_splits
 
     class _Null:
-        def step(self, loss: float, grad_norm: float, clipped: bool) -> None:
+        metric, history = "val_loss", []
+
+        def step(self, *args: Any) -> None:
             pass
 
-        def epoch(self, epoch: int, train_loss: float | None, val_loss: float) -> None:
+        def epoch(self, epoch: int, metrics: Any = None) -> None:
             pass
 
     splits = make_splits(_data(), 0.2, 0)
-    settings = TrainSettings("mse", "sgd", 0.01, EPOCHS, 64, "cpu", 0)
     times = []
     for i in range(n):
         start = time.perf_counter()
-        BACKEND.train(_model, splits, ClipConfig("norm", 1.0), {}, settings, _Null(), i)  # type: ignore[arg-type]
+        train_one("torch", _model, splits, ClipConfig("norm", 1.0), _Null(), i, loss="mse",
+                  optimizer="sgd", lr=0.01, epochs=EPOCHS, batch_size=64)
         times.append(time.perf_counter() - start)
     return median(times) * 1e3
 

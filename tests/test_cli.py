@@ -62,6 +62,26 @@ class _Breaks:
 
 
 make_broken_model = _Breaks
+
+
+def train(trial):
+    """A user's own loop (a tune_loop job): a linear model, the trial's clip, its metric."""
+    import torch
+    from torch import nn
+
+    X, y = (torch.from_numpy(a) for a in make_data())
+    torch.manual_seed(trial.seed or 0)
+    model = nn.Linear(4, 1)
+    opt = torch.optim.SGD(model.parameters(), lr=0.01)
+    for epoch in range(2):
+        for i in range(0, len(X), 32):
+            opt.zero_grad()
+            loss = nn.functional.mse_loss(model(X[i:i + 32]), y[i:i + 32])
+            loss.backward()
+            trial.clip_(model.parameters(), loss)
+            opt.step()
+        with torch.no_grad():
+            trial.report(epoch, mae=float((model(X) - y).abs().mean()))
 '''
 
 JOB = """\
@@ -206,6 +226,40 @@ def test_bad_jobs_fail_with_one_line_and_status_2(tmp_path: Path, change: dict, 
     assert done.returncode == 2, done.stderr
     lines = done.stderr.strip().splitlines()
     assert len(lines) == 1 and re.search(message, lines[0]), done.stderr
+
+
+LOOP_JOB = """\
+train: tinymod:train
+metric: mae
+search_space: rnn
+n_trials: 3
+seed: 0
+study: {name: loop}
+tracking: {enabled: false}
+"""
+
+
+def test_a_job_with_a_train_function_tunes_the_users_loop(tmp_path: Path) -> None:
+    write_job(tmp_path, LOOP_JOB)
+    done = run_cli(tmp_path, "tune", "job.yaml")
+    assert done.returncode == 0, done.stderr
+    study = load(tmp_path, "loop")
+    assert len(study.trials) == 3 and study.user_attrs["cliptune.backend"] == "user loop"
+    assert study.best_value == pytest.approx(study.best_trial.user_attrs["history"][-1]["mae"])
+    assert "3 trials: " in done.stdout
+
+
+@pytest.mark.parametrize(("extra", "message"), [
+    ("model: tinymod:make_model\n", "job.yaml: model: a job gives either train .* not both"),
+    ("loss: mse\n", "job.yaml: loss: this key sets cliptune's own loop; with train: your loop"),
+    ("optimizer: {lr: 0.1}\n", "job.yaml: optimizer.lr: this key sets cliptune's own loop"),
+])
+def test_a_train_job_refuses_built_in_loop_keys(tmp_path: Path, extra: str, message: str,
+                                                capsys: pytest.CaptureFixture[str]) -> None:
+    write_job(tmp_path, LOOP_JOB + extra)
+    assert cli.main(["tune", str(tmp_path / "job.yaml")]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and re.search(message, err[0]), err
 
 
 def test_a_missing_key_is_named(tmp_path: Path) -> None:

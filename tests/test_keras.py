@@ -241,7 +241,8 @@ def test_bad_inputs_raise_clear_errors() -> None:
         _tune(_dense_model, optimizer="sdg")
     with pytest.raises(TypeError, match="must return a keras.optimizers.Optimizer. Got str"):
         _tune(_dense_model, optimizer=lambda **kw: "adam")
-    with pytest.raises(TypeError, match="'optimizer' parameter of tune must be one of .* or a callable. Got <keras"):
+    with pytest.raises(TypeError, match="'optimizer' parameter of tune must be one of .* or a "
+                                        "callable. Got <keras"):
         _tune(_dense_model, optimizer=keras.optimizers.Adam())
     with pytest.raises(ValueError, match="dropped the clip arguments"):  # before any trial
         _tune(_dense_model, optimizer=lambda learning_rate, **clip: keras.optimizers.SGD())

@@ -51,6 +51,9 @@ def tensor_norms(grads: list[Tensor]) -> Tensor:
     order of ``grads``, on the first gradient's device."""
     acc = accumulation_dtype(grads)
     device = grads[0].device
+    first = grads[0]
+    if all(g.dtype == first.dtype and g.device == device for g in grads):  # the common case
+        return torch.stack(torch._foreach_norm(grads, 2, dtype=acc))
     by_id: dict[int, Tensor] = {}
     for group in _groups(grads):
         dtype = torch.float64 if group[0].dtype == torch.float64 else torch.float32
@@ -61,6 +64,10 @@ def tensor_norms(grads: list[Tensor]) -> Tensor:
 
 def scale_(grads: list[Tensor], scale: Tensor) -> None:
     """Multiply every gradient in place by one scale (kept in its own dtype)."""
+    first = grads[0]
+    if all(g.dtype == first.dtype and g.device == first.device for g in grads):
+        torch._foreach_mul_(grads, scale.to(first.device))
+        return
     for group in _groups(grads):
         torch._foreach_mul_(group, scale.to(group[0].device))
 
