@@ -12,7 +12,7 @@ import time
 
 from benchmarks._common import ROOT
 
-ORDER = ["clip_kernels", "loop_overhead", "keras_overhead", "tracking_overhead", "tuner_overhead",
+ORDER = ["clip_kernels", "loop_overhead", "threads", "keras_overhead", "tracking_overhead", "tuner_overhead",
          "parallel_scaling", "pruning_savings", "search_quality"]
 
 

@@ -31,7 +31,8 @@ def best_table(result: TuneResult, top: int = 5) -> str:
     frame = frame[frame["state"] == "COMPLETE"]
     maximize = result.study.direction.name == "MAXIMIZE"
     frame = frame.sort_values("value", ascending=not maximize).head(top)
-    drop = ["state", "prune_reason", "error", "duration_s"]
+    drop = ["state", "prune_reason", "error", "duration_s"] + (
+        ["role"] if (frame.get("role", "search") == "search").all() else [])
     frame = frame.drop(columns=[c for c in drop if c in frame.columns])
     return frame.to_string(index=False, float_format=lambda v: f"{v:.4g}")
 
@@ -71,11 +72,12 @@ def _one_liners(result: TuneResult) -> dict[str, str]:
 
 def best_document(result: TuneResult) -> dict[str, Any]:
     """The best config as written by ``ClipConfig.to_yaml``, plus where it came from."""
-    best = result.study.best_trial
     body: dict[str, Any] = {"clip": result.best_config.to_dict()}  # type: ignore[union-attr]
     if result.best_extras:
         body["extras"] = dict(result.best_extras)
-    body.update(study=result.study.study_name, trial=best.number, value=best.value)
+    body.update(study=result.study.study_name, trial=result.best_trial, value=result.best_value)
+    if len(result.best_values) > 1:
+        body.update(values=list(result.best_values), std=result.best_std)
     return body
 
 
@@ -87,7 +89,7 @@ def best_text(result: TuneResult, fmt: str = "yaml") -> str:
         return json.dumps({**document, "apply": lines, **({"probe": probe} if probe else {})},
                           indent=2)
     header = (f"# best of study {document['study']!r}: trial {document['trial']}, "
-              f"value {document['value']:.6g} ({counts_line(result)})")
+              f"value {document['value']:.6g}{_spread(result)} ({counts_line(result)})")
     clip_part = {k: {key: _short(v) for key, v in document[k].items()}
                  for k in ("clip", "extras") if k in document}
     body = yaml.safe_dump(clip_part, sort_keys=False).rstrip()
@@ -95,6 +97,14 @@ def best_text(result: TuneResult, fmt: str = "yaml") -> str:
         header += f"\n# auto threshold ranges: {describe(probe)}"
     return "\n".join([header, body, f"# torch: {lines['torch'].removeprefix('# ')}",
                       f"# keras: {lines['keras']}"])
+
+
+def _spread(result: TuneResult) -> str:
+    """How the winner did over its runs, when it was confirmed on fresh seeds."""
+    if len(result.best_values) < 2:
+        return ""
+    return (f" (mean of {len(result.best_values)} runs on different seeds, "
+            f"std {result.best_std:.3g})")
 
 
 def space_description(path: Any) -> str:

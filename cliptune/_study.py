@@ -42,10 +42,14 @@ def default_sampler(seed: int | None) -> optuna.samplers.BaseSampler:
         return TrialSeededTPE(seed, multivariate=True, group=True, n_startup_trials=10)
 
 
-def stability_pruner(pruner: optuna.pruners.BasePruner | None) -> StabilityPruner:
-    """The job's pruner: a StabilityPruner as given, or one wrapping the given pruner."""
-    if pruner is None or isinstance(pruner, StabilityPruner):
-        return pruner or StabilityPruner()
+def stability_pruner(pruner: optuna.pruners.BasePruner | None,
+                     multi_fidelity: bool = False) -> StabilityPruner:
+    """The job's pruner: a StabilityPruner as given, or one wrapping the given pruner, else the
+    stability rules over successive halving (``multi_fidelity``) or the MedianPruner."""
+    if isinstance(pruner, StabilityPruner):
+        return pruner
+    if pruner is None and multi_fidelity:
+        pruner = optuna.pruners.SuccessiveHalvingPruner(min_resource=1, reduction_factor=3)
     return StabilityPruner(pruner)
 
 

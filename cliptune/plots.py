@@ -80,15 +80,43 @@ def _log_if_positive(ax: Axes, axis: str, values: list[float]) -> None:
         _log_axis(ax, axis)
 
 
+_MINOR_LABELS = (2, 3, 5, 7)  # mantissas of the minor ticks labelled on a short log axis
+
+
 def _log_axis(ax: Axes, axis: str) -> None:
-    """A log axis labelled with plain numbers (0.3, 2, 40), not 3x10^-1."""
+    """A log axis labelled with plain numbers (0.3, 2, 40), not 3x10^-1.
+
+    Minor ticks are labelled only on an axis shorter than a decade (where few or no major ticks
+    show), and then only at 2, 3, 5 and 7 times a power of ten, so labels never run together.
+    """
     from matplotlib.ticker import FuncFormatter
 
     (ax.set_yscale if axis == "y" else ax.set_xscale)("log")
     target = ax.yaxis if axis == "y" else ax.xaxis
-    plain = FuncFormatter(lambda v, _: f"{v:g}")
-    target.set_major_formatter(plain)
-    target.set_minor_formatter(plain)
+
+    def minor(value: float, _: int) -> str:
+        low, high = sorted(target.get_view_interval())
+        if low <= 0 or math.log10(high / low) >= 1:
+            return ""
+        mantissa = round(value / 10 ** math.floor(math.log10(value) + 1e-9), 6)
+        return f"{value:g}" if mantissa in _MINOR_LABELS else ""
+
+    target.set_major_formatter(FuncFormatter(lambda v, _: f"{v:g}"))
+    target.set_minor_formatter(FuncFormatter(minor))
+    low, high = sorted(target.get_data_interval())
+    if low > 0 and math.log10(high / low) < 1:  # a short axis: reach a labelled tick each side
+        (ax.set_ylim if axis == "y" else ax.set_xlim)(_labelled(low, math.floor) / 1.05,
+                                                      _labelled(high, math.ceil) * 1.05)
+
+
+def _labelled(value: float, rounding: Any) -> float:
+    """The nearest power of ten times 1, 2, 3, 5 or 7 at or below (floor) / above (ceil) value."""
+    exponent = math.floor(math.log10(value))
+    steps = [m * 10.0**e for e in (exponent - 1, exponent, exponent + 1)
+             for m in (1, *_MINOR_LABELS)]
+    if rounding is math.floor:
+        return max(v for v in steps if v <= value * (1 + 1e-9))
+    return min(v for v in steps if v >= value * (1 - 1e-9))
 
 
 def _integer_x(ax: Axes) -> None:

@@ -23,6 +23,7 @@ from optuna.trial import TrialState
 
 from cliptune.data import Splits
 from cliptune.plan import Plan
+from cliptune.result import TuneResult
 from cliptune.space import config_from_params
 from cliptune.stability import StabilityRules, TrialMonitor
 from cliptune.tracking import Tracker
@@ -46,7 +47,8 @@ def refit_best(study: optuna.Study, plan: Plan, rules: StabilityRules | None,
         warnings.warn("No trial completed, so there is no best config to refit; result.model is "
                       "None.", RuntimeWarning, stacklevel=3)
         return None
-    best = study.best_trial
+    winner = TuneResult.from_study(study)  # the confirmed winner, where re-runs chose one
+    best = study.trials[winner.best_trial]  # type: ignore[index]
     clip, extras = config_from_params(best.params)
     seed = plan.settings.search.seed
     seed = None if seed is None else seed + best.number

@@ -23,6 +23,7 @@ from optuna.trial import FrozenTrial, TrialState
 from cliptune._errors import UsageError
 from cliptune._optuna import n_trials_of, storage_of
 from cliptune._study import load_study, stability_pruner
+from cliptune.confirm import is_rerun
 from cliptune.plan import Plan
 from cliptune.result import SURPLUS_ATTR, TuneResult
 from cliptune.stability import StabilityPruner, TrialMonitor
@@ -59,9 +60,10 @@ def _retried_numbers(trials: Sequence[FrozenTrial]) -> set[int]:
 
 
 def counts_toward_total(trials: Sequence[FrozenTrial]) -> int:
-    """How many of ``trials`` use up the study's ``n_trials`` (see the module docstring)."""
+    """How many of ``trials`` use up the study's ``n_trials`` (see the module docstring);
+    confirmation re-runs (:mod:`cliptune.confirm`) come on top of it."""
     retried = _retried_numbers(trials)
-    return sum(1 for t in trials if not t.user_attrs.get(SURPLUS_ATTR)
+    return sum(1 for t in trials if not t.user_attrs.get(SURPLUS_ATTR) and not is_rerun(t)
                and not (t.state is TrialState.FAIL and t.number in retried))
 
 
@@ -77,9 +79,11 @@ class TrialRunner:
         self.usage_error: UsageError | None = None
         self.n_ran = 0
         self._reached = False
+        self.stopped_early = False  # a timeout or a callback (Ctrl-C) ended the last run
 
     def __call__(self, trial: optuna.Trial) -> float:
-        if trial.number >= self.total and self._is_surplus(trial):  # fewer earlier trials: never
+        if (trial.number >= self.total and trial.user_attrs.get("cliptune.confirms") is None
+                and self._is_surplus(trial)):  # fewer earlier trials: never; a re-run: never
             trial.set_user_attr(SURPLUS_ATTR, True)
             raise SurplusTrial(f"trial {trial.number} is beyond the study's total of {self.total}")
         self.n_ran += 1
@@ -149,6 +153,7 @@ class TrialRunner:
         if bar is not None:
             chain.append(lambda s, t: _advance(bar, s, self.total))
         told, waited_since = False, 0.0
+        self.stopped_early = False
         try:
             while self.usage_error is None:
                 if self.heartbeat is not None:
@@ -158,10 +163,12 @@ class TrialRunner:
                         t.state is TrialState.WAITING for t in trials):
                     left = None if deadline is None else deadline - time.monotonic()
                     if left is not None and left <= 0:
+                        self.stopped_early = True
                         return
                     self._reached = False
                     study.optimize(self, timeout=left, catch=(Exception,), callbacks=chain)
                     if not self._reached:  # the timeout, or a callback stopped the study
+                        self.stopped_early = True
                         return
                     continue
                 running = sum(t.state is TrialState.RUNNING for t in trials)
@@ -194,7 +201,7 @@ def run_worker(plan: Plan, storage: Any, study_name: str) -> None:
     s = plan.settings
     tracker: Tracker = make_tracker(s.tracking.tracking, s.tracking.tracking_uri,
                                     s.tracking.experiment, s.tracking.tracker)
-    pruner = stability_pruner(s.search.pruner)
+    pruner = stability_pruner(s.search.pruner, s.search.multi_fidelity)
     study = load_study(plan, storage, study_name, pruner)
     tracker.start(study, plan.job_params())
     runner = TrialRunner(plan, pruner, tracker, s.study.heartbeat)

@@ -58,6 +58,36 @@ def _heartbeat(value: Any) -> Heartbeat | None:
     raise c.Invalid("a cliptune Heartbeat or None", kind=TypeError)
 
 
+def _baselines(value: Any) -> bool | list[Any]:
+    if isinstance(value, bool):
+        return value
+    if isinstance(value, (list, tuple)):
+        from cliptune.config import ClipConfig
+
+        try:
+            return [v if isinstance(v, ClipConfig) else ClipConfig.from_dict(v, "baselines")
+                    for v in value]
+        except ValueError as exc:
+            raise c.Invalid(f"ClipConfigs or {{mode: ..., threshold: ...}} mappings ({exc})") \
+                from None
+    raise c.Invalid("True, False or a list of clip configs", kind=TypeError)
+
+
+def _confirm(value: Any) -> int | str:
+    if value == "auto" or (isinstance(value, int) and not isinstance(value, bool) and value >= 0):
+        return value
+    raise c.Invalid("'auto' or an int >= 0")
+
+
+def _warm_start(value: Any) -> Any:
+    if value is None or isinstance(value, optuna.Study) or hasattr(value, "study"):
+        return value  # a study, or a TuneResult
+    if isinstance(value, str) and value.strip():
+        return value  # a best-config YAML, or "STUDY@STORAGE_URL"
+    raise c.Invalid("a best-config YAML path, 'STUDY@STORAGE_URL', an optuna.Study, a "
+                    "TuneResult or None", kind=TypeError)
+
+
 def _callables(value: Any) -> list[Callable[..., Any]] | None:
     if value is None:
         return None
@@ -138,6 +168,25 @@ class Search:
         "StabilityPruner.")
     probe_steps: int = _setting(200, c.positive_int, "Most steps of the probe that sets "
                                 "``threshold: auto`` ranges.", "probe_steps")
+    baselines: Any = _setting(
+        True, _baselines, "Configs tried first, so the result is never worse than them: True for "
+        "the usual ones (no clip, global norm 1.0, and the probe's mean gradient norm where a "
+        "probe ran), False for none, or a list of ClipConfigs (or {mode, threshold} mappings).",
+        "baselines")
+    warm_start: Any = _setting(
+        None, _warm_start, "Start from another run: the best configs of a study (an "
+        "``optuna.Study``, a TuneResult or ``'NAME@STORAGE_URL'``) or a best-config YAML, tried "
+        "first and marked ``cliptune.transferred``.", "warm_start")
+    multi_fidelity: bool = _setting(
+        False, c.boolean, "Successive halving: short budgets for many configs, full ones for "
+        "few (Optuna's SuccessiveHalvingPruner under the stability rules); False: the "
+        "MedianPruner. A ``pruner`` replaces both.", "multi_fidelity")
+    confirm: Any = _setting(
+        "auto", _confirm, "How many of the best configs are re-trained on fresh seeds before "
+        "the winner is chosen by its mean (0: off; 'auto': 3 for tune() with 10 trials or "
+        "more, else 0).", "confirm")
+    confirm_seeds: int = _setting(2, c.positive_int, "Fresh seeds each confirmed config "
+                                  "re-trains on.", "confirm_seeds")
 
 
 @dataclass(frozen=True)

@@ -118,6 +118,8 @@ class StabilityPruner(BasePruner):
         if step is not None and self.rules is not None and is_nonfinite(
                 trial.intermediate_values[step]):
             return True
+        if trial.user_attrs.get("cliptune.confirms") is not None:
+            return False  # a re-run of a top config on a fresh seed runs to its end
         return self.pruner.prune(study, trial)
 
 

@@ -8,6 +8,7 @@ from those declarations) and go down one path: plan (:mod:`cliptune.plan`) -> st
 from __future__ import annotations
 
 import inspect
+import logging
 import sys
 import tempfile
 from collections.abc import Callable
@@ -16,9 +17,11 @@ from typing import Any
 
 import optuna
 
+from cliptune import confirm
 from cliptune import settings as _settings
 from cliptune._optuna import storage_of
 from cliptune._study import open_study, record_job, stability_pruner
+from cliptune.first_trials import enqueue_first
 from cliptune.parallel import run_workers, worker_plan
 from cliptune.plan import Plan, plan_loop, plan_tune
 from cliptune.probe import job_params, resolve_auto
@@ -28,6 +31,8 @@ from cliptune.settings import Settings
 from cliptune.storage import open_storage
 from cliptune.tracking import make_tracker
 from cliptune.trial import Trial
+
+log = logging.getLogger("cliptune")
 
 
 def tune(model_fn: Callable[..., Any], data: Any, **settings: Any) -> TuneResult:
@@ -91,7 +96,7 @@ tune_loop.__doc__ = tune_loop.__doc__.replace(  # type: ignore[union-attr]
 
 
 def run(plan: Plan) -> TuneResult:
-    """Run a plan to its end: the study, its workers, the refit; the result."""
+    """Run a plan to its end: the study, its workers, the confirmation, the refit; the result."""
     s = plan.settings
     tracker = make_tracker(s.tracking.tracking, s.tracking.tracking_uri, s.tracking.experiment,
                            s.tracking.tracker)
@@ -101,12 +106,9 @@ def run(plan: Plan) -> TuneResult:
         worker_plan(plan)  # it must pickle: checked before anything is created
     storage = open_storage(s.study.storage, s.study.heartbeat)
     tracker.open()  # a store that cannot be written is an error before the study exists
-    pruner = stability_pruner(s.search.pruner)
+    pruner = stability_pruner(s.search.pruner, s.search.multi_fidelity)
     study = open_study(plan, storage, pruner)
-    space, probe = resolve_auto(plan.space, study, plan.train, s.search.seed,
-                                s.search.probe_steps)
-    plan = plan.with_space(space)
-    record_job(study, plan)
+    plan, probe = _prepare(plan, study)
     tracker.start(study, {**plan.job_params(), "sampler": type(study.sampler).__name__,
                           "pruner": type(pruner.pruner).__name__, **job_params(probe)})
     heartbeat = s.study.heartbeat if s.study.storage is not None else None
@@ -119,6 +121,7 @@ def run(plan: Plan) -> TuneResult:
                         lambda: runner.run(study, progress, s.run.callbacks or ()))
         else:
             runner.run(study, progress, s.run.callbacks or ())
+        _confirm(plan, runner, study)
         if s.run.refit and runner.usage_error is None:
             from cliptune.refit import refit_best
 
@@ -129,6 +132,32 @@ def run(plan: Plan) -> TuneResult:
     result = TuneResult.from_study(study)
     result.model = model
     return result
+
+
+def _prepare(plan: Plan, study: optuna.Study) -> tuple[Plan, dict[str, Any] | None]:
+    """Before the first trial: auto ranges, the configs tried first, what the study records."""
+    s = plan.settings.search
+    space, probe = resolve_auto(plan.space, study, plan.train, s.seed, s.probe_steps)
+    plan = plan.with_space(space)
+    first = enqueue_first(study, space, s.baselines, s.warm_start, probe)
+    if first:
+        log.info("%d config(s) tried first: baselines and warm start (user attributes "
+                 "cliptune.baseline, cliptune.transferred)", first)
+    record_job(study, plan)
+    return plan, probe
+
+
+def _confirm(plan: Plan, runner: TrialRunner, study: optuna.Study) -> None:
+    """Re-train the best configs on fresh seeds, once the search reached its total."""
+    s = plan.settings
+    k = confirm.resolve(s.search.confirm, s.search.n_trials, plan.backend is None)
+    if not k or runner.usage_error is not None or runner.stopped_early:
+        return
+    added = confirm.enqueue_reruns(study, k, s.search.confirm_seeds)
+    if added:
+        log.info("confirming the %d best configs: %d re-runs on fresh seeds (user attribute "
+                 "cliptune.confirms); the winner is the best mean", k, added)
+        runner.run(study, progress=False, callbacks=s.run.callbacks or ())
 
 
 def _run_in_a_temporary_journal(plan: Plan) -> TuneResult:

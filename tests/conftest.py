@@ -65,11 +65,19 @@ def _pg_available() -> bool:
         return False
 
 
+def require_postgres() -> None:
+    """Skip without a PostgreSQL on 127.0.0.1:5432, but fail in CI (CI=true), where one runs."""
+    if _pg_available():
+        return
+    if os.environ.get("CI", "").lower() == "true":
+        pytest.fail("PostgreSQL is not reachable on 127.0.0.1:5432, and CI must run its tests.")
+    pytest.skip("PostgreSQL is not running on 127.0.0.1:5432")
+
+
 @pytest.fixture
 def pg_url():
     """A fresh PostgreSQL database for one test, dropped afterwards."""
-    if not _pg_available():
-        pytest.skip("PostgreSQL is not running on 127.0.0.1:5432")
+    require_postgres()
     import uuid
 
     import psycopg
@@ -80,6 +88,38 @@ def pg_url():
     yield f"postgresql://postgres@127.0.0.1:5432/{name}"
     with psycopg.connect(PG_ADMIN, autocommit=True) as conn:
         conn.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
+
+
+@pytest.fixture(scope="session")
+def _migrated_mlflow_db(tmp_path_factory: pytest.TempPathFactory):
+    """An MLflow sqlite store migrated once per session (a fresh store migrates for ~1.5 s)."""
+    import mlflow
+
+    path = tmp_path_factory.mktemp("mlflow-template") / "mlflow.db"
+    mlflow.MlflowClient(f"sqlite:///{path}").search_experiments()
+    return path
+
+
+@pytest.fixture
+def mlflow_uri(tmp_path, _migrated_mlflow_db) -> str:
+    """A fresh MLflow store for one test at ./mlflow.db (the default store of the test's folder),
+    copied from the session's migrated one."""
+    import shutil
+
+    shutil.copy(_migrated_mlflow_db, tmp_path / "mlflow.db")
+    return f"sqlite:///{tmp_path / 'mlflow.db'}"
+
+
+_MARK_BY_FIXTURE = {"pg_url": "postgres", "postgres_url": "postgres",
+                    "mlflow_server": "mlflow_server"}
+
+
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    """Tiers follow from what a test uses: a PostgreSQL database, a real MLflow server."""
+    for item in items:
+        for fixture, marker in _MARK_BY_FIXTURE.items():
+            if fixture in getattr(item, "fixturenames", ()):
+                item.add_marker(getattr(pytest.mark, marker))
 
 
 @pytest.fixture(autouse=True)

@@ -118,10 +118,14 @@ def load(folder: Path, name: str = "tiny") -> optuna.Study:
 
 
 @pytest.fixture(scope="module")
-def tuned(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, list[subprocess.CompletedProcess[str]]]:
+def tuned(tmp_path_factory: pytest.TempPathFactory,
+          _migrated_mlflow_db: Path) -> tuple[Path, list[subprocess.CompletedProcess[str]]]:
     """A job run to 3 trials (tracked), then resumed to 5 (in the default ./mlruns storage)."""
+    import shutil
+
     folder = tmp_path_factory.mktemp("tuned")
     write_job(folder)
+    shutil.copy(_migrated_mlflow_db, folder / "mlflow.db")
     first = run_cli(folder, "tune", "job.yaml", "--set", "tracking.enabled=true",
                     "--tracking-uri", "sqlite:///mlflow.db", "--experiment", "cli-test")
     params_before = [(t.number, t.params, t.value) for t in load(folder).trials]
@@ -130,6 +134,8 @@ def tuned(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, list[subproce
     return folder, [first, second]
 
 
+@pytest.mark.subprocess
+@pytest.mark.slow
 def test_tune_runs_the_job_and_prints_the_best(tuned: tuple[Path, list]) -> None:
     folder, (first, _) = tuned
     assert first.returncode == 0, first.stderr
@@ -139,6 +145,7 @@ def test_tune_runs_the_job_and_prints_the_best(tuned: tuple[Path, list]) -> None
     assert "3/3" in first.stderr  # the progress bar
 
 
+@pytest.mark.subprocess
 def test_tune_passes_the_tracking_options(tuned: tuple[Path, list]) -> None:
     from mlflow.tracking import MlflowClient
 
@@ -149,6 +156,7 @@ def test_tune_passes_the_tracking_options(tuned: tuple[Path, list]) -> None:
     assert len(client.search_runs([experiment.experiment_id])) == 4  # the job and its 3 trials
 
 
+@pytest.mark.subprocess
 def test_rerun_with_more_trials_adds_only_the_missing_ones(tuned: tuple[Path, list]) -> None:
     folder, (_, second) = tuned
     assert second.returncode == 0, second.stderr
@@ -159,6 +167,7 @@ def test_rerun_with_more_trials_adds_only_the_missing_ones(tuned: tuple[Path, li
     assert [[t.number, t.params, t.value] for t in trials[:3]] == before
 
 
+@pytest.mark.subprocess
 def test_best_prints_yaml_and_json(tuned: tuple[Path, list]) -> None:
     folder, _ = tuned
     best = load(folder).best_trial
@@ -174,8 +183,20 @@ def test_best_prints_yaml_and_json(tuned: tuple[Path, list]) -> None:
     assert document["trial"] == best.number and document["value"] == pytest.approx(best.value)
     assert document["clip"]["mode"] == best.params["clip_mode"]
     assert document["apply"]["torch"].startswith("cliptune.clip_grads_(model.parameters(), ")
+    assert document["apply"]["keras"].startswith("keras.optimizers.SGD(learning_rate=0.05")  # as YAML
 
 
+@pytest.mark.subprocess
+def test_rerunning_a_finished_job_says_so_at_once(tuned: tuple[Path, list]) -> None:
+    folder, _ = tuned
+    again = run_cli(folder, "tune", "job.yaml", "--n-trials", "5", "--no-tracking")
+    assert again.returncode == 0, again.stderr
+    assert "study 'tiny' in sqlite:///mlruns/cliptune-optuna.db already has its 5 trials; " \
+           "nothing to run (raise --n-trials to run more)" in again.stderr
+    assert "5 trials: " in again.stdout and len(load(folder).trials) == 5
+
+
+@pytest.mark.subprocess
 def test_report_writes_trials_csv(tuned: tuple[Path, list]) -> None:
     import pandas as pd
 
@@ -189,6 +210,7 @@ def test_report_writes_trials_csv(tuned: tuple[Path, list]) -> None:
         assert list((folder / "report").rglob("*.png"))
 
 
+@pytest.mark.subprocess
 def test_best_of_a_missing_study_names_the_studies_there(tuned: tuple[Path, list]) -> None:
     folder, _ = tuned
     done = run_cli(folder, "best", "--study", "tinny")
@@ -216,16 +238,34 @@ BAD_SPACE = "version: 1\nmodes: {norm: {threshold: {low: -1, high: 2}}}\n"
      r"job.yaml: study.storage: Cannot open the Optuna storage 'sqlite:////no/such/dir/x.db'"),
     ({}, ["--set", "epochs"], r"--set: expected key=value"),
     ({}, ["--set", "tracking.experimnt=x"], r"tracking.experimnt: unknown key .*'experiment'\?"),
+    ({"optimizer": {"name": "adan", "lr": 0.1}}, [],
+     r"job.yaml: optimizer.name: expected one of 'sgd', 'adam', .*Did you mean 'adam'\?"),
+    ({"loss": "msee"}, [], r"job.yaml: loss: expected one of 'mse', .*Did you mean 'mse'\?"),
+    ({"workers": 0}, [], r"job.yaml: workers: expected an int >= 1, got 0"),
 ])
 def test_bad_jobs_fail_with_one_line_and_status_2(tmp_path: Path, change: dict, extra_args: list[str],
-                                                  message: str) -> None:
+                                                  message: str, monkeypatch: pytest.MonkeyPatch,
+                                                  capsys: pytest.CaptureFixture[str]) -> None:
+    """In-process: what a subprocess would add is the entry point, tested once below."""
+    monkeypatch.setattr(sys, "path", list(sys.path))  # the job's folder goes on it
+    monkeypatch.delitem(sys.modules, "tinymod", raising=False)
     raw = yaml.safe_load(JOB) | change
     write_job(tmp_path, yaml.safe_dump(raw))
     (tmp_path / "bad_space.yaml").write_text(BAD_SPACE)
-    done = run_cli(tmp_path, "tune", "job.yaml", *extra_args)
-    assert done.returncode == 2, done.stderr
-    lines = done.stderr.strip().splitlines()
-    assert len(lines) == 1 and re.search(message, lines[0]), done.stderr
+    assert cli.main(["tune", "job.yaml", *extra_args]) == 2
+    lines = capsys.readouterr().err.strip().splitlines()
+    assert len(lines) == 1 and re.search(message, lines[0]), lines
+    assert not (tmp_path / "mlruns" / "cliptune-optuna.db").exists() or not optuna.get_all_study_names(
+        DEFAULT_STORAGE.replace("sqlite:///", f"sqlite:///{tmp_path}/"))  # nothing created
+
+
+@pytest.mark.subprocess
+def test_a_bad_job_through_the_entry_point_is_one_line_and_status_2(tmp_path: Path) -> None:
+    write_job(tmp_path, JOB.replace("epochs: 2", "epochs: eight"))
+    done = run_cli(tmp_path, "tune", "job.yaml")
+    assert done.returncode == 2
+    assert done.stderr.strip() == ("cliptune tune: error: job.yaml: epochs: expected an int >= 1, "
+                                   "got 'eight'.")
 
 
 LOOP_JOB = """\
@@ -239,6 +279,7 @@ tracking: {enabled: false}
 """
 
 
+@pytest.mark.subprocess
 def test_a_job_with_a_train_function_tunes_the_users_loop(tmp_path: Path) -> None:
     write_job(tmp_path, LOOP_JOB)
     done = run_cli(tmp_path, "tune", "job.yaml")
@@ -262,13 +303,14 @@ def test_a_train_job_refuses_built_in_loop_keys(tmp_path: Path, extra: str, mess
     assert len(err) == 1 and re.search(message, err[0]), err
 
 
-def test_a_missing_key_is_named(tmp_path: Path) -> None:
+def test_a_missing_key_is_named(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     write_job(tmp_path, "model: tinymod:make_model\n")
-    done = run_cli(tmp_path, "tune", "job.yaml")
-    assert done.returncode == 2
-    assert done.stderr.strip() == "cliptune tune: error: job.yaml: data: this key is required."
+    assert cli.main(["tune", "job.yaml"]) == 2
+    assert capsys.readouterr().err.strip() == ("cliptune tune: error: job.yaml: data: this key is "
+                                               "required.")
 
 
+@pytest.mark.subprocess
 def test_every_trial_failing_exits_1(tmp_path: Path) -> None:
     write_job(tmp_path, JOB.replace("make_model", "make_broken_model").replace("n_trials: 3",
                                                                                "n_trials: 2"))
@@ -279,6 +321,8 @@ def test_every_trial_failing_exits_1(tmp_path: Path) -> None:
 
 
 @pytest.mark.skipif(sys.platform == "win32", reason="SIGINT to a child is POSIX")
+@pytest.mark.subprocess
+@pytest.mark.slow
 def test_ctrl_c_stops_after_the_running_trial(tmp_path: Path) -> None:
     write_job(tmp_path, JOB.replace("make_data", "make_slow_data").replace("n_trials: 3",
                                                                            "n_trials: 50"))
@@ -309,6 +353,7 @@ def _trials(folder: Path) -> list[optuna.trial.FrozenTrial]:
         return []
 
 
+@pytest.mark.subprocess
 def test_spaces_lists_and_prints(tmp_path: Path) -> None:
     listing = run_cli(tmp_path, "spaces")
     assert listing.returncode == 0
@@ -327,6 +372,7 @@ def test_every_command_has_help_with_examples(command: str, capsys: pytest.Captu
     assert "examples:" in capsys.readouterr().out
 
 
+@pytest.mark.subprocess
 def test_python_dash_m_shows_help(tmp_path: Path) -> None:
     done = run_cli(tmp_path, "--help")
     assert done.returncode == 0 and "cliptune tune examples/adding_rnn.yaml" in done.stdout
@@ -341,6 +387,8 @@ def _free_port() -> int:
 
 
 @pytest.mark.mlflow_server
+@pytest.mark.subprocess
+@pytest.mark.slow
 def test_ui_says_where_once_the_server_answers_and_masks_passwords(tmp_path: Path) -> None:
     """A real ``mlflow ui``: the URL (in the UI's model-training mode) is printed only once the
     server answers; the store URI's password never appears."""

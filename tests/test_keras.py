@@ -163,7 +163,7 @@ def test_tune_finds_a_stable_config_where_no_clip_explodes() -> None:
     assert result.study.user_attrs["cliptune.backend"] == "keras"
 
 
-def test_mlflow_records_keras_trials_like_torch_ones(tmp_path: Path) -> None:
+def test_mlflow_records_keras_trials_like_torch_ones(mlflow_uri: str, tmp_path: Path) -> None:
     mlflow = pytest.importorskip("mlflow")
     space = {"version": 1, "modes": {"none": {}, "global_norm": {"threshold": {"choices": [1.0]}}}}
     tune(_dense_model, regression_data(n=64), epochs=2, batch_size=16, n_trials=2, seed=0,
@@ -248,6 +248,12 @@ def test_bad_inputs_raise_clear_errors() -> None:
         _tune(_dense_model, optimizer=lambda learning_rate, **clip: keras.optimizers.SGD())
     mixed = keras.Sequential([keras.Input((4,)), keras.layers.Dense(1, dtype="mixed_float16")])
     mixed.dtype_policy = "mixed_float16"
+    with pytest.raises(ValueError, match="'device' parameter of tune must be 'cpu', 'cuda'.*"
+                                         "Got 'tpu' instead"):
+        _tune(_dense_model, device="tpu")
+    if not tf.config.list_physical_devices("GPU"):
+        with pytest.raises(ValueError, match="device='cuda' was asked for, but TensorFlow sees 0"):
+            _tune(_dense_model, device="cuda")
     with pytest.raises(ValueError, match="Mixed precision .*'mixed_float16'"):
         _tune(lambda: mixed)
 

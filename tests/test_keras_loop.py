@@ -126,7 +126,7 @@ def keras_loop(trial: Trial) -> None:
         trial.report(epoch, val_loss=val)
 
 
-def test_tune_loop_tunes_a_custom_keras_loop(tmp_path: Path) -> None:
+def test_tune_loop_tunes_a_custom_keras_loop(mlflow_uri: str, tmp_path: Path) -> None:
     space = {"modes": {"none": {}, "global_norm": {"threshold": {"low": 0.1, "high": 3.0}},
                        "zclip": {"threshold": {"low": 1.0, "high": 3.0}}},
              "extras": {"lr": {"low": 0.01, "high": 0.1, "log": True}}}

@@ -26,14 +26,22 @@ SPACE = {"modes": {"global_norm": {"threshold": {"low": 0.1, "high": 10.0, "log"
                    "value": {"threshold": {"low": 0.01, "high": 1.0, "log": True}}}}
 
 
-class _Slow(nn.Module):
-    """A linear model that takes ``delay`` seconds a batch, so a trial is long enough to kill."""
+HOLD = "CLIPTUNE_TEST_HOLD"  # a path: the second trial's model writes it, then waits to be killed
+_BUILT = [0]
 
-    def __init__(self, delay: float) -> None:
+
+class _Slow(nn.Module):
+    """A linear model that takes ``delay`` seconds a batch; with ``hold`` (a path), its first
+    forward pass writes that file and then blocks, so a test can kill the worker mid-trial."""
+
+    def __init__(self, delay: float, hold: str | None = None) -> None:
         super().__init__()
-        self.linear, self.delay = nn.Linear(4, 1), delay
+        self.linear, self.delay, self.hold = nn.Linear(4, 1), delay, hold
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.hold is not None:
+            Path(self.hold).write_text("training")
+            time.sleep(3600)
         time.sleep(self.delay)
         return self.linear(x)
 
@@ -43,7 +51,10 @@ def quick_model() -> nn.Module:
 
 
 def slow_model() -> nn.Module:
-    return _Slow(0.15)
+    """Built once for the check pass, then once a trial: with $CLIPTUNE_TEST_HOLD set, the
+    second trial (its params sampled, so it can be retried) holds in its first batch."""
+    _BUILT[0] += 1
+    return _Slow(0.01, os.environ.get(HOLD) if _BUILT[0] == 3 else None)
 
 
 def _kwargs(**extra: Any) -> dict[str, Any]:
@@ -58,6 +69,7 @@ def _finished(study: optuna.Study) -> list[optuna.trial.FrozenTrial]:
             if not t.user_attrs.get(SURPLUS_ATTR)]
 
 
+@pytest.mark.subprocess
 def test_n_jobs_without_storage_runs_in_processes_and_returns_in_memory() -> None:
     result = cliptune.tune(quick_model, **_kwargs(n_trials=6, n_jobs=2))
     assert len(_finished(result.study)) == 6
@@ -70,7 +82,9 @@ def test_n_jobs_needs_an_importable_factory() -> None:
         cliptune.tune(lambda: nn.Linear(4, 1), **_kwargs(n_trials=2, n_jobs=2))
 
 
-def test_three_workers_on_postgres_share_the_total_and_one_parent_run(pg_url: str,
+@pytest.mark.subprocess
+@pytest.mark.slow
+def test_three_workers_on_postgres_share_the_total_and_one_parent_run(mlflow_uri: str, pg_url: str,
                                                                        tmp_path: Path) -> None:
     import mlflow
 
@@ -114,33 +128,30 @@ def _load(url: str, name: str) -> optuna.Study:
 
 
 def _killed_trial(url: str, name: str) -> int:
-    """The trial a just-killed worker left RUNNING (read after the kill: a poll can be stale)."""
+    """The trial a just-killed worker left RUNNING, in its second trial with its params sampled."""
     running = _load(url, name).get_trials(states=(optuna.trial.TrialState.RUNNING,))
     assert len(running) == 1, [t.number for t in running]
+    assert running[0].number == 1 and "clip_mode" in running[0].params
     return running[0].number
 
 
-def _wait_for_running(url: str, name: str, timeout: float = 120.0) -> int:
+def _wait_for_hold(marker: Path, process: subprocess.Popen, timeout: float = 240.0) -> None:
+    """Wait until the worker's second trial is training (it wrote ``marker`` and holds)."""
     deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        try:
-            study = _load(url, name)
-            running = study.get_trials(states=(optuna.trial.TrialState.RUNNING,))
-            done = study.get_trials(states=(optuna.trial.TrialState.COMPLETE,))
-            if running and done:  # kill it in the middle of its second trial or later
-                return running[0].number
-        except (KeyError, ValueError):  # no study, or no database, yet
-            pass
-        time.sleep(0.2)
-    raise AssertionError("the worker never started a trial")
+    while not marker.exists():
+        assert process.poll() is None, "the worker ended before its second trial"
+        assert time.monotonic() < deadline, "the worker never reached its second trial"
+        time.sleep(0.1)
 
 
 def _kill_then_finish(url: str, tmp_path: Path) -> None:
     script = tmp_path / "worker.py"
     script.write_text(_WORKER.format(root=str(ROOT), n=5, url=url))
-    worker = subprocess.Popen([sys.executable, str(script)], stderr=subprocess.DEVNULL)
+    marker = tmp_path / "holding"
+    worker = subprocess.Popen([sys.executable, str(script)], stderr=subprocess.DEVNULL,
+                              env={**os.environ, HOLD: str(marker)})
     try:
-        _wait_for_running(url, "kill")
+        _wait_for_hold(marker, worker)
         os.kill(worker.pid, signal.SIGKILL)
         worker.wait(timeout=30)
         killed = _killed_trial(url, "kill")
@@ -163,15 +174,21 @@ def _kill_then_finish(url: str, tmp_path: Path) -> None:
     assert not study.get_trials(states=(optuna.trial.TrialState.RUNNING,))
 
 
+@pytest.mark.subprocess
+@pytest.mark.slow
 def test_a_killed_workers_trial_is_failed_and_retried_on_postgres(pg_url: str,
                                                                   tmp_path: Path) -> None:
     _kill_then_finish(pg_url, tmp_path)
 
 
+@pytest.mark.subprocess
+@pytest.mark.slow
 def test_a_killed_workers_trial_is_failed_and_retried_on_a_journal(tmp_path: Path) -> None:
     _kill_then_finish(f"journal:{tmp_path / 'study.log'}", tmp_path)
 
 
+@pytest.mark.subprocess
+@pytest.mark.slow
 def test_a_killed_cli_job_is_finished_by_running_it_again(tmp_path: Path) -> None:
     (tmp_path / "slowjob.py").write_text(
         f"import sys\nsys.path.insert(0, {str(ROOT)!r})\n"
@@ -186,10 +203,11 @@ def test_a_killed_cli_job_is_finished_by_running_it_again(tmp_path: Path) -> Non
     url = f"sqlite:///{tmp_path / 'mlruns' / 'cliptune-optuna.db'}"
     command = [sys.executable, "-m", "cliptune", "tune", str(job)]
     env = {**os.environ, "PYTHONPATH": str(ROOT)}
-    first = subprocess.Popen(command, cwd=tmp_path, env=env, stdout=subprocess.DEVNULL,
-                             stderr=subprocess.DEVNULL)
+    marker = tmp_path / "holding"
+    first = subprocess.Popen(command, cwd=tmp_path, env={**env, HOLD: str(marker)},
+                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     try:
-        _wait_for_running(url, "resumable")
+        _wait_for_hold(marker, first)
         first.send_signal(signal.SIGKILL)
         first.wait(timeout=30)
         killed = _killed_trial(url, "resumable")
@@ -216,6 +234,8 @@ def _start_tracker(uri: str, barrier: Any, queue: Any) -> None:
         queue.put(f"{type(exc).__name__}: {exc}")
 
 
+@pytest.mark.subprocess
+@pytest.mark.slow
 def test_workers_starting_together_on_a_fresh_mlflow_store_all_survive(tmp_path: Path) -> None:
     import multiprocessing as mp
 
@@ -232,6 +252,7 @@ def test_workers_starting_together_on_a_fresh_mlflow_store_all_survive(tmp_path:
         assert results == ["ok"] * 3
 
 
+@pytest.mark.subprocess
 def test_unreachable_database_is_one_clear_error_with_exit_2(tmp_path: Path) -> None:
     job = tmp_path / "job.yaml"
     job.write_text("model: tests.test_parallel:quick_model\ndata: tests.conftest:regression_data\n"

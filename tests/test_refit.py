@@ -116,7 +116,7 @@ def test_a_nonfinite_refit_is_an_error() -> None:
         cliptune.tune(lambda: nn.Linear(4, 1), (X, Y), refit="yes", **FAST)  # type: ignore[arg-type]
 
 
-def test_keras_refit_logs_a_keras_model(tmp_path: Path) -> None:
+def test_keras_refit_logs_a_keras_model(mlflow_uri: str, tmp_path: Path) -> None:
     keras = pytest.importorskip("keras")
 
     def dense() -> Any:
@@ -160,7 +160,7 @@ def make_data() -> tuple[np.ndarray, np.ndarray]:
     return X, Y
 
 
-def test_job_key_refit_and_the_cli(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+def test_job_key_refit_and_the_cli(mlflow_uri: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
                                    capsys: pytest.CaptureFixture[str]) -> None:
     monkeypatch.syspath_prepend(str(Path(__file__).resolve().parent.parent))
     job = tmp_path / "job.yaml"

@@ -93,3 +93,37 @@ def test_import_cliptune_does_not_load_sklearn_estimators() -> None:
             "('cliptune.sklearn', 'sklearn.base', 'torch')))")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert out.stdout.strip() == "[]"
+
+
+class _GRUHead:
+    """model_fn(n_features, n_outputs) for (n, steps, channels) input: a GRU, then a linear head."""
+
+    def __call__(self, n_features: tuple[int, int], n_outputs: int) -> Any:
+        from torch import nn
+
+        steps, channels = n_features
+
+        class Net(nn.Module):
+            def __init__(self) -> None:
+                super().__init__()
+                self.gru = nn.GRU(channels, 8, batch_first=True)
+                self.head = nn.Linear(8, n_outputs)
+
+            def forward(self, x: Any) -> Any:
+                return self.head(self.gru(x)[0][:, -1])
+
+        return Net()
+
+
+def test_three_dimensional_inputs_for_recurrent_models_in_cross_val_score() -> None:
+    """(n, steps, channels) X, as a recurrent model takes it: was 'Found array with dim 3'."""
+    rng = np.random.default_rng(0)
+    X = rng.normal(size=(120, 6, 2)).astype(np.float32)
+    y = (X[:, :, 0].sum(axis=1) > 0).astype(int)
+    scores = cross_val_score(ClipTunedClassifier(_GRUHead(), **FAST), X, y, cv=3)
+    assert scores.shape == (3,) and scores.mean() > 0.6
+    regressor = ClipTunedRegressor(_GRUHead(), **FAST).fit(X, X[:, :, 1].sum(axis=1))
+    assert regressor.predict(X[:5]).shape == (5,)
+    with pytest.raises(ValueError, match="The default MLP of ClipTunedRegressor takes 2-D X; X has "
+                                         "3 dimensions"):
+        ClipTunedRegressor(**FAST).fit(X, y)

@@ -66,11 +66,15 @@ def _race(url: str, workers: int = 4) -> list[str]:
     return results
 
 
+@pytest.mark.slow
+@pytest.mark.subprocess
 def test_workers_starting_together_on_a_fresh_sqlite_all_survive(tmp_path: Path) -> None:
     for round_ in range(5):
         assert _race(f"sqlite:///{tmp_path / f'fresh{round_}.db'}") == ["ok"] * 4
 
 
+@pytest.mark.slow
+@pytest.mark.subprocess
 def test_workers_starting_together_on_a_fresh_postgres_all_survive(pg_url: str) -> None:
     import psycopg
 

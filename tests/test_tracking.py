@@ -2,12 +2,10 @@
 
 from __future__ import annotations
 
-import os
 import socket
 import subprocess
 import sys
 import time
-import uuid
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
@@ -106,7 +104,7 @@ def check_job_record(client: Any, result: cliptune.TuneResult, tmp_path: Path) -
             assert "model_fn failed on purpose" in tags["cliptune.error"]
 
 
-def test_sqlite_store_by_default(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+def test_sqlite_store_by_default(mlflow_uri: str, tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
     result = run_job(tmp_path)
     assert (tmp_path / "mlflow.db").is_file() and (tmp_path / "mlruns").is_dir()
     client = mlflow.MlflowClient(f"sqlite:///{tmp_path / 'mlflow.db'}")
@@ -179,7 +177,7 @@ def test_real_mlflow_server_over_rest(tmp_path: Path, mlflow_server: str,
     assert not (tmp_path / "mlflow.db").exists()
 
 
-def test_store_failing_mid_study_warns_and_the_study_goes_on(tmp_path: Path) -> None:
+def test_store_failing_mid_study_warns_and_the_study_goes_on(mlflow_uri: str, tmp_path: Path) -> None:
     uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
     calls = []
 
@@ -215,23 +213,13 @@ def test_tracking_uri_from_environment(tmp_path: Path, monkeypatch: pytest.Monke
 
 
 @pytest.fixture
-def postgres_url() -> Iterator[Callable[[str], str]]:
-    """A fresh PostgreSQL database on 127.0.0.1:5432 (trust auth), dropped afterwards."""
-    psycopg = pytest.importorskip("psycopg")
-    name = f"cliptune_{uuid.uuid4().hex[:10]}"
-    admin = dict(host="127.0.0.1", port=5432, user=os.environ.get("PGUSER", "postgres"),
-                 dbname="postgres", autocommit=True, connect_timeout=3)
-    try:
-        with psycopg.connect(**admin) as conn:
-            conn.execute(f'CREATE DATABASE "{name}"')
-    except psycopg.OperationalError as exc:
-        pytest.skip(f"no PostgreSQL on 127.0.0.1:5432 ({exc})")
-    yield lambda password: f"postgresql+psycopg://{admin['user']}:{password}@127.0.0.1:5432/{name}"
-    with psycopg.connect(**admin) as conn:
-        conn.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
+def postgres_url(pg_url: str) -> Callable[[str], str]:
+    """A fresh PostgreSQL database (trust auth), as a URL with a given password."""
+    return lambda password: pg_url.replace("postgresql://postgres@",
+                                           f"postgresql+psycopg://postgres:{password}@")
 
 
-def test_postgres_storage_password_is_never_logged(tmp_path: Path,
+def test_postgres_storage_password_is_never_logged(mlflow_uri: str, tmp_path: Path,
                                                    postgres_url: Callable[[str], str]) -> None:
     secret = "s3cret-Pa55word"
     result = run_job(tmp_path, storage=postgres_url(secret))  # trust auth ignores the password
@@ -268,3 +256,34 @@ def test_bad_tracking_arguments() -> None:
         MlflowTracker(flush_every_s=-1)
     assert type(cliptune.tune(lambda: torch.nn.Linear(4, 1), data, epochs=1, n_trials=1,
                               tracker=Tracker()).study) is optuna.Study
+
+
+def _study_with_thresholds(thresholds: list[float]) -> optuna.Study:
+    study = optuna.create_study()
+    for i, t in enumerate(thresholds):
+        study.add_trial(optuna.trial.create_trial(
+            params={"clip_mode": "global_norm", "clip_threshold_global_norm": t},
+            distributions={"clip_mode": optuna.distributions.CategoricalDistribution(
+                ["global_norm"]), "clip_threshold_global_norm":
+                optuna.distributions.FloatDistribution(1e-3, 1e3, log=True)},
+            value=1.0 + 0.1 * i))
+    return study
+
+
+@pytest.mark.parametrize("thresholds", [[0.04, 0.05, 0.06, 0.07, 0.09], [0.012, 0.5, 30.0, 95.0],
+                                        [0.31, 0.33, 0.36]])
+def test_threshold_axis_labels_never_run_together(thresholds: list[float]) -> None:
+    """value_by_threshold.png printed every minor tick of a short log axis (0.040.050.06...)."""
+    from cliptune.plots import plot_value_by_threshold
+
+    fig = plot_value_by_threshold(_study_with_thresholds(thresholds))
+    fig.canvas.draw()
+    ax = fig.axes[0]
+    labels = [t for t in ax.xaxis.get_majorticklabels() + ax.xaxis.get_minorticklabels()
+              if t.get_text() and t.get_visible()]
+    boxes = sorted((t.get_window_extent() for t in labels), key=lambda b: b.x0)
+    low, high = ax.get_xlim()
+    inside = [b for b, t in zip(boxes, labels, strict=True) if low <= float(t.get_text()) <= high]
+    assert len(inside) >= 1  # something tells where the thresholds are
+    assert all(a.x1 <= b.x0 for a, b in zip(boxes, boxes[1:], strict=False)), \
+        [t.get_text() for t in labels]

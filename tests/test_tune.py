@@ -94,6 +94,8 @@ X_NAN[3, 1] = np.nan
 
 @pytest.mark.parametrize(("kwargs", "error", "message"), [
     ({"model_fn": 3}, TypeError, "'model_fn' parameter of tune must be a callable"),
+    ({"model_fn": nn.Linear(4, 1)}, TypeError, r"model_fn is a model \(Linear\), but tune needs a "
+     r"factory that returns a fresh model for each trial: pass lambda: Linear\(...\)"),
     ({"model_fn": lambda: "model"}, TypeError, "model_fn must return a torch.nn.Module .*Got str"),
     ({"model_fn": lambda a, b: linear()}, TypeError, "model_fn must take no argument or one"),
     ({"model_fn": _Frozen}, ValueError, "has no trainable parameters"),
@@ -203,13 +205,42 @@ def test_sampler_learns_to_avoid_the_unstable_region() -> None:
     assert late < early / 2, (early, late)
 
 
-def test_objective_best_takes_the_best_epoch() -> None:
-    result = _tune(objective="best", n_trials=2, epochs=3)
-    for t in result.study.trials:
-        if t.state == optuna.trial.TrialState.COMPLETE:
-            assert t.value == min(t.intermediate_values.values())
+def test_objective_best_takes_the_best_epoch_and_last_the_last() -> None:
+    """A metric that falls, then rises: the best epoch and the last one differ."""
+    def train(trial: cliptune.Trial) -> None:
+        for epoch, value in enumerate([3.0, 1.0, 2.0]):
+            trial.report(epoch, val_loss=value)
+
+    space = {"modes": {"none": {}}}
+    best = cliptune.tune_loop(train, objective="best", search_space=space, n_trials=1,
+                              tracking=False)
+    last = cliptune.tune_loop(train, objective="last", search_space=space, n_trials=1,
+                              tracking=False)
+    assert best.best_value == 1.0 and last.best_value == 2.0
+    maximized = cliptune.tune_loop(train, objective="best", direction="maximize",
+                                   search_space=space, n_trials=1, tracking=False)
+    assert maximized.best_value == 3.0
 
 
+def test_tune_logs_and_leaves_logging_config_to_the_user(mlflow_uri: str, caplog: pytest.LogCaptureFixture,
+                                                          capsys: pytest.CaptureFixture[str]
+                                                          ) -> None:
+    """Library code logs (the CLI configures the output); Optuna's verbosity is the user's."""
+    import logging
+
+    optuna.logging.set_verbosity(optuna.logging.INFO)
+    try:
+        _tune(n_trials=1, search_space="auto", tracking=True)
+        assert optuna.logging.get_verbosity() == optuna.logging.INFO
+    finally:
+        optuna.logging.set_verbosity(optuna.logging.WARNING)
+    assert logging.getLogger("cliptune").handlers == []  # no handler of its own
+    assert "auto threshold ranges from a probe" in caplog.text
+    assert "tracking the tuning job in MLflow" in caplog.text
+    assert "cliptune" not in capsys.readouterr().err  # nothing printed past logging
+
+
+@pytest.mark.subprocess
 def test_import_cliptune_loads_no_framework() -> None:
     code = ("import sys, cliptune; cliptune.ClipConfig('value', 1.0); "
             "print(sorted(m for m in sys.modules if m.split('.')[0] in "

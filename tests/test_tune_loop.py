@@ -85,7 +85,7 @@ def linear_loop(trial: Trial, lr: float | None = None, epochs: int = 3,
     return model
 
 
-def test_a_users_bptt_loop_is_tuned_and_tracked(tmp_path: Path) -> None:
+def test_a_users_bptt_loop_is_tuned_and_tracked(mlflow_uri: str, tmp_path: Path) -> None:
     import mlflow
 
     uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
@@ -267,6 +267,7 @@ def quick_train(trial: Trial) -> None:
     linear_loop(trial, epochs=2)
 
 
+@pytest.mark.subprocess
 def test_workers_run_a_users_loop(tmp_path: Path) -> None:
     storage = f"journal:{tmp_path / 'study.log'}"
     result = cliptune.tune_loop(quick_train, search_space=SPACE, n_trials=6, n_jobs=2, seed=0,

@@ -18,7 +18,8 @@ Conventions that differ from the torch loop:
 A compiled model keeps its metrics, ``jit_compile`` and ``run_eagerly``; otherwise Keras's default
 ``jit_compile="auto"`` applies (XLA on CPU, compiled once per trial). A model's own ``train_step``
 is not used, and mixed precision is refused. TensorFlow's thread pools can be sized only before
-it runs its first op: ``threads`` is applied then and ignored later.
+it runs its first op: ``threads`` is applied then and ignored later. ``device`` is honoured with
+``tf.device`` ('cpu', 'cuda'/'gpu', 'cuda:N'); a GPU TensorFlow does not see is an error.
 """
 
 from __future__ import annotations
@@ -190,6 +191,22 @@ def _shapes(t: Any) -> str:
     return str(tf.nest.map_structure(lambda a: tuple(a.shape), t))
 
 
+def tf_device(device: str) -> str:
+    """The TensorFlow device of a ``device`` setting ('cpu', 'cuda', 'cuda:1', 'gpu:0'), checked
+    against the devices TensorFlow sees."""
+    kind, _, index = device.lower().partition(":")
+    if kind not in ("cpu", "cuda", "gpu") or (index and not index.isdigit()):
+        raise ValueError("The 'device' parameter of tune must be 'cpu', 'cuda', 'cuda:N' or "
+                         f"'gpu:N' for a Keras model. Got {device!r} instead.")
+    if kind == "cpu":
+        return "/CPU:0"
+    gpus = tf.config.list_physical_devices("GPU")
+    if int(index or 0) >= len(gpus):
+        raise ValueError(f"device={device!r} was asked for, but TensorFlow sees {len(gpus)} GPU(s) "
+                         "here. Use device='cpu'.")
+    return f"/GPU:{int(index or 0)}"
+
+
 def size_thread_pools(threads: int | None) -> None:
     if threads:
         with contextlib.suppress(RuntimeError):  # TF has started: its pools are fixed
@@ -211,6 +228,7 @@ class KerasTask:
         return replace(self, splits=splits)
 
     def check(self, extras: dict[str, Any], model: Any = None) -> None:
+        tf_device(self.training.device)
         size_thread_pools(self.threads)
         model = build_model(self.model_fn, extras, model)
         # A clip that sets an argument, so a factory that drops it (and could not apply the
@@ -220,6 +238,10 @@ class KerasTask:
         _first_pass(model, next(iter(train)), self.training.loss)
 
     def __call__(self, trial: Trial) -> keras.Model:
+        with tf.device(tf_device(self.training.device)):
+            return self._train(trial)
+
+    def _train(self, trial: Trial) -> keras.Model:
         t = self.training
         size_thread_pools(self.threads)
         if trial.seed is not None:
