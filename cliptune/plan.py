@@ -90,10 +90,12 @@ def _check_factory(model_fn: Any) -> None:
         raise TypeError(f"model_fn is a model ({type(model_fn).__name__}), but tune needs a "
                         "factory that returns a fresh model for each trial: pass "
                         f"lambda: {type(model_fn).__name__}(...) or the class itself.")
-    n_args = len(inspect.signature(model_fn).parameters)
-    if n_args > 1:
+    params = inspect.signature(model_fn).parameters.values()
+    required = [p for p in params if p.default is p.empty and p.kind in (
+        p.POSITIONAL_ONLY, p.POSITIONAL_OR_KEYWORD)]
+    if len(required) > 1:
         raise TypeError("model_fn must take no argument or one (the dict of co-tuned extras). "
-                        f"It takes {n_args}.")
+                        f"It takes {len(required)}.")
 
 
 def _metrics_of(settings: Settings) -> list[str]:

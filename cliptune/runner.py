@@ -25,7 +25,7 @@ from cliptune._optuna import n_trials_of, storage_of
 from cliptune._study import load_study, stability_pruner
 from cliptune.confirm import is_rerun
 from cliptune.plan import Plan
-from cliptune.result import SURPLUS_ATTR, TuneResult
+from cliptune.result import SURPLUS_ATTR
 from cliptune.stability import StabilityPruner, TrialMonitor
 from cliptune.storage import (
     Heartbeat,
@@ -205,10 +205,7 @@ def run_worker(plan: Plan, storage: Any, study_name: str) -> None:
     study = load_study(plan, storage, study_name, pruner)
     tracker.start(study, plan.job_params())
     runner = TrialRunner(plan, pruner, tracker, s.study.heartbeat)
-    try:
-        runner.run(study, progress=False)
-    finally:
-        tracker.finish(TuneResult.from_study(study))
+    runner.run(study, progress=False)  # the job's summary is the parent process's to record
     runner.raise_if_failed()
 
 

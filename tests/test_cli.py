@@ -140,7 +140,8 @@ def test_tune_runs_the_job_and_prints_the_best(tuned: tuple[Path, list]) -> None
     folder, (first, _) = tuned
     assert first.returncode == 0, first.stderr
     assert "3 trials: " in first.stdout
-    assert "clip_mode" in first.stdout and "# torch: cliptune.clip_grads_(" in first.stdout
+    assert "clip_mode" in first.stdout and "# torch: " in first.stdout
+    assert "cliptune.clip_grads_(" in first.stdout
     assert (folder / "mlruns" / "cliptune-optuna.db").exists()
     assert "3/3" in first.stderr  # the progress bar
 
@@ -182,7 +183,7 @@ def test_best_prints_yaml_and_json(tuned: tuple[Path, list]) -> None:
     document = json.loads(as_json.stdout)
     assert document["trial"] == best.number and document["value"] == pytest.approx(best.value)
     assert document["clip"]["mode"] == best.params["clip_mode"]
-    assert document["apply"]["torch"].startswith("cliptune.clip_grads_(model.parameters(), ")
+    assert "cliptune.clip_grads_(model.parameters(), " in document["apply"]["torch"]
     assert document["apply"]["keras"].startswith("keras.optimizers.SGD(learning_rate=0.05")  # as YAML
 
 
@@ -342,7 +343,8 @@ def test_ctrl_c_stops_after_the_running_trial(tmp_path: Path) -> None:
     assert "Stopping after the running trial is recorded" in err
     trials = load(tmp_path).trials
     assert 1 <= len(trials) < 50
-    assert all(t.state in (TrialState.COMPLETE, TrialState.PRUNED) for t in trials)
+    finished = [t for t in trials if t.state is not TrialState.WAITING]  # baselines may wait
+    assert finished and all(t.state in (TrialState.COMPLETE, TrialState.PRUNED) for t in finished)
     assert "best of study 'tiny'" in out
 
 

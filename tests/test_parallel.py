@@ -17,6 +17,7 @@ torch = pytest.importorskip("torch")
 from torch import nn  # noqa: E402
 
 import cliptune  # noqa: E402
+from cliptune.confirm import is_rerun  # noqa: E402
 from cliptune.runner import SURPLUS_ATTR, counts_toward_total  # noqa: E402
 from cliptune.storage import Heartbeat, open_storage, quiet_experimental  # noqa: E402
 from tests.conftest import regression_data  # noqa: E402
@@ -63,10 +64,12 @@ def _kwargs(**extra: Any) -> dict[str, Any]:
 
 
 def _finished(study: optuna.Study) -> list[optuna.trial.FrozenTrial]:
+    """The search trials that finished (surplus trials of a race and confirmation re-runs left
+    out)."""
     return [t for t in study.get_trials(states=(optuna.trial.TrialState.COMPLETE,
                                                 optuna.trial.TrialState.PRUNED,
                                                 optuna.trial.TrialState.FAIL))
-            if not t.user_attrs.get(SURPLUS_ATTR)]
+            if not t.user_attrs.get(SURPLUS_ATTR) and not is_rerun(t)]
 
 
 @pytest.mark.subprocess
@@ -107,8 +110,10 @@ def test_three_workers_on_postgres_share_the_total_and_one_parent_run(mlflow_uri
     assert len(parents) == 1
     assert parents[0].info.run_id == study.user_attrs["cliptune.mlflow_parent_run_id"]
     assert {r.data.tags["mlflow.parentRunId"] for r in children} == {parents[0].info.run_id}
+    reruns = [t.number for t in study.trials if is_rerun(t)]  # the confirmation of the winner
+    assert len(reruns) == 6 and len(result.best_values) == 3
     assert sorted(int(r.data.tags["optuna.trial_number"]) for r in children) == \
-        sorted(t.number for t in finished)
+        sorted([t.number for t in finished] + reruns)
     assert parents[0].data.params["best_clip_mode"] == result.best_config.mode.value
 
 

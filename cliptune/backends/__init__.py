@@ -31,9 +31,17 @@ class Task(Protocol):
     def sample_inputs(self, data: Any, n: int = 5) -> Any: ...
 
 
+def takes_extras(model_fn: Callable[..., Any]) -> bool:
+    """Whether a factory wants the extras: a required parameter, or one named ``extras``
+    (``def make(width=128)`` is a zero-argument factory with a default)."""
+    params = inspect.signature(model_fn).parameters.values()
+    return any(p.name == "extras" or (p.default is p.empty and p.kind in (
+        p.POSITIONAL_ONLY, p.POSITIONAL_OR_KEYWORD)) for p in params)
+
+
 def call_factory(model_fn: Callable[..., Any], extras: dict[str, Any]) -> Any:
-    """A fresh model from ``model_fn``, given the co-tuned extras when it takes an argument."""
-    return model_fn(dict(extras)) if inspect.signature(model_fn).parameters else model_fn()
+    """A fresh model from ``model_fn``, given the co-tuned extras when it takes them."""
+    return model_fn(dict(extras)) if takes_extras(model_fn) else model_fn()
 
 
 _MODULES = {"torch": ("cliptune.backends._torch", "TorchTask"),
