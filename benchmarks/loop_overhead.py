@@ -120,7 +120,7 @@ def cliptune_loop(model_fn: Callable[[], Any], splits: Any, epochs: int, batch_s
                   lr: float, seed: int, study: Any) -> list[float]:
     """The same training through cliptune's built-in loop and a real ``Trial``."""
     from cliptune import ClipConfig, StabilityRules
-    from cliptune.stability import TrialMonitor
+    from cliptune.monitor import TrialMonitor
 
     monitor = TrialMonitor(study.ask(), StabilityRules())
     train_one("torch", model_fn, splits, ClipConfig("global_norm", CLIP_T), monitor, seed,
@@ -135,7 +135,7 @@ def user_loop(model_fn: Callable[[], Any], splits: Any, epochs: int, batch_size:
     import torch
 
     from cliptune import ClipConfig, StabilityRules, Trial
-    from cliptune.stability import TrialMonitor
+    from cliptune.monitor import TrialMonitor
 
     monitor = TrialMonitor(study.ask(), StabilityRules())
     trial = Trial(ClipConfig("global_norm", CLIP_T), {}, 0, seed, monitor)
@@ -172,7 +172,7 @@ def monitor_step_us(n: int = 20000) -> float:
     import optuna
 
     from cliptune import StabilityRules
-    from cliptune.stability import TrialMonitor
+    from cliptune.monitor import TrialMonitor
 
     monitor = TrialMonitor(optuna.create_study().ask(), StabilityRules())
     losses = np.random.default_rng(0).uniform(1.0, 1.1, n).tolist()

@@ -75,7 +75,7 @@ def train_fully(task: Task, clip: Any, seed: int, train_seed: int | None = None)
 
     from benchmarks._common import train_one
     from cliptune.data import make_splits
-    from cliptune.stability import TrialMonitor
+    from cliptune.monitor import TrialMonitor
 
     splits = make_splits(task.data, 0.2, seed)
     train_seed = seed if train_seed is None else train_seed

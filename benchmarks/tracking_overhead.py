@@ -83,7 +83,7 @@ def whole_trial(tracker: Any, study: Any, splits: Any, model_fn: Callable[[], An
     """One trial as tune() runs it: hooks around the built-in loop with a real Trial."""
     from benchmarks._common import train_one
     from cliptune import ClipConfig, StabilityRules
-    from cliptune.stability import TrialMonitor
+    from cliptune.monitor import TrialMonitor
 
     trial, clip = study.ask(), ClipConfig("global_norm", 1.0)
     trial.suggest_categorical("clip_mode", ["global_norm"])

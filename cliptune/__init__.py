@@ -9,9 +9,10 @@ from typing import Any
 
 from cliptune._errors import UsageError
 from cliptune.config import ClipConfig, ClipMode
+from cliptune.monitor import TrialMonitor
 from cliptune.result import TuneResult
 from cliptune.space import SearchSpace, shipped_spaces
-from cliptune.stability import StabilityPruner, StabilityRules, TrialMonitor
+from cliptune.stability import StabilityPruner, StabilityRules
 from cliptune.storage import Heartbeat
 from cliptune.tracking import MlflowTracker, Tracker
 from cliptune.trial import Trial

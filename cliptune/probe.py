@@ -39,8 +39,8 @@ from typing import Any
 from cliptune._errors import UsageError
 from cliptune._probe_record import new_record
 from cliptune.config import ClipConfig, ClipMode
+from cliptune.monitor import TrialMonitor
 from cliptune.space import ParamRange, SearchSpace
-from cliptune.stability import TrialMonitor
 from cliptune.trial import PlainReporter, ProbeDone, Trial
 
 log = logging.getLogger("cliptune")

@@ -22,10 +22,11 @@ import optuna
 from optuna.trial import TrialState
 
 from cliptune.data import Splits
+from cliptune.monitor import TrialMonitor
 from cliptune.plan import Plan
 from cliptune.result import TuneResult
 from cliptune.space import config_from_params
-from cliptune.stability import StabilityRules, TrialMonitor
+from cliptune.stability import StabilityRules
 from cliptune.tracking import Tracker
 from cliptune.trial import PlainReporter, Trial
 

@@ -24,9 +24,10 @@ from cliptune._errors import UsageError
 from cliptune._optuna import n_trials_of, storage_of
 from cliptune._study import load_study, stability_pruner
 from cliptune.confirm import is_rerun
+from cliptune.monitor import TrialMonitor
 from cliptune.plan import Plan
 from cliptune.result import SURPLUS_ATTR
-from cliptune.stability import StabilityPruner, TrialMonitor
+from cliptune.stability import StabilityPruner
 from cliptune.storage import (
     Heartbeat,
     beating,

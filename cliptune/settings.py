@@ -185,7 +185,7 @@ class Search:
         "auto", _confirm, "How many of the best configs are re-trained on fresh seeds before "
         "the winner is chosen by its mean (0: off; 'auto': 3 for tune() with 10 trials or "
         "more, else 0).", "confirm")
-    confirm_seeds: int = _setting(2, c.positive_int, "Fresh seeds each confirmed config "
+    confirm_seeds: int = _setting(1, c.positive_int, "Fresh seeds each confirmed config "
                                   "re-trains on.", "confirm_seeds")
 
 

@@ -14,7 +14,7 @@ from typing import TYPE_CHECKING, Any
 from cliptune._errors import UsageError
 from cliptune._probe_record import add_step
 from cliptune.config import ClipConfig
-from cliptune.stability import TrialMonitor
+from cliptune.monitor import TrialMonitor
 
 if TYPE_CHECKING:
     import optuna
@@ -152,12 +152,15 @@ class Trial:
 
         Tensors are read here (one host copy). May raise ``optuna.TrialPruned``.
         """
-        if self._keras is not None and self._keras.probe:
-            self._record([(_float(loss), _float(grad_norm), False, None,
-                           self._keras.probe_values())])
-            return
+        post = None
+        if self._keras is not None:
+            if self._keras.probe:
+                self._record([(_float(loss), _float(grad_norm), False, None, None,
+                               self._keras.probe_values())])
+                return
+            post = self._keras.post_norm()
         self._record([(_float(loss), _float(grad_norm),
-                       None if clipped is None else bool(clipped), skipped, None)])
+                       None if clipped is None else bool(clipped), skipped, post, None)])
 
     def report(self, epoch: int, **metrics: Any) -> None:
         """Close an epoch with the loop's metrics (``val_loss=...``, ``bpc=...``, any floats).
@@ -172,7 +175,7 @@ class Trial:
         self.monitor.epoch(epoch, {k: float(v) for k, v in metrics.items()})
 
     def _record(self, ready: Iterable[tuple[Any, ...]]) -> None:
-        for loss, norm, clipped, skipped, probe_values in ready:
+        for loss, norm, clipped, skipped, post, probe_values in ready:
             if self._probe is not None:
                 if probe_values is None:
                     raise UsageError(
@@ -186,7 +189,7 @@ class Trial:
                     self._probe["stopped"] = "max_steps"
                     raise ProbeDone("max_steps")
                 continue
-            self.monitor.step(loss, norm, clipped, skipped)
+            self.monitor.step(loss, norm, clipped, skipped, post)
 
     @property
     def history(self) -> list[dict[str, float]]:

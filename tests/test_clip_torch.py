@@ -105,3 +105,119 @@ def test_one_huge_tensor_among_small_ones() -> None:
     clip_grads_([*small, huge], ClipConfig("norm", 1.0))
     assert float(torch.linalg.vector_norm(huge.grad)) == pytest.approx(1.0, rel=1e-6)
     assert torch.allclose(small[0].grad, torch.full((10,), 1e-3))
+
+
+# -- the numbers, for every dtype and mix (issue 13.3; compared with torch's own functions) ------
+
+DTYPES = {"float32": [torch.float32] * 4, "float16": [torch.float16] * 4,
+          "bfloat16": [torch.bfloat16] * 4, "float64": [torch.float64] * 4,
+          "bf16 first, then float32": [torch.bfloat16, torch.float32, torch.float32, torch.float32],
+          "float32 and float64": [torch.float32, torch.float64, torch.float32, torch.float64],
+          "float16 and bfloat16": [torch.float16, torch.bfloat16, torch.float16, torch.bfloat16]}
+TOL = {torch.float32: 1e-5, torch.float64: 1e-5, torch.float16: 2e-3, torch.bfloat16: 1e-2}
+
+
+def _typed(dtypes: list[torch.dtype], scale: float = 3.0) -> list[torch.nn.Parameter]:
+    params = _params(scale=scale)
+    for p, dtype in zip(params, dtypes, strict=True):
+        p.data, p.grad = p.data.to(dtype), p.grad.to(dtype)
+    return params
+
+
+def _exact(params: list[torch.nn.Parameter]) -> list[torch.nn.Parameter]:
+    """float64 copies: torch's own functions on them give the exact reference for any mix (on a
+    mix, torch rounds a bfloat16 tensor's norm to bfloat16 before combining: ~0.1% off)."""
+    out = []
+    for p in params:
+        q = torch.nn.Parameter(p.data.double().clone())
+        q.grad = p.grad.double().clone()  # a copy even when it is float64 already
+        out.append(q)
+    return out
+
+
+@pytest.mark.parametrize("mix", list(DTYPES))
+@pytest.mark.parametrize("t", [0.5, 4.0])
+def test_global_norm_matches_torch_for_every_dtype_mix(mix: str, t: float) -> None:
+    ours = _typed(DTYPES[mix])
+    ref = _exact(ours)
+    norm = clip_grads_(ours, ClipConfig("global_norm", t))
+    ref_norm = torch.nn.utils.clip_grad_norm_(ref, t)
+    assert norm == pytest.approx(float(ref_norm), rel=1e-6)  # accumulated in float32 or float64
+    for a, b in zip(ours, ref, strict=True):
+        torch.testing.assert_close(a.grad, b.grad.to(a.grad.dtype), rtol=TOL[a.grad.dtype],
+                                   atol=1e-6)
+    if len(set(DTYPES[mix])) == 1:  # one dtype: torch's own clip in that dtype agrees too
+        same = _typed(DTYPES[mix])
+        torch.nn.utils.clip_grad_norm_(same, t)
+        for a, b in zip(ours, same, strict=True):
+            torch.testing.assert_close(a.grad, b.grad, rtol=TOL[a.grad.dtype], atol=1e-6)
+
+
+@pytest.mark.parametrize("mix", list(DTYPES))
+def test_norm_and_value_match_torch_per_tensor_for_every_dtype_mix(mix: str) -> None:
+    ours, ref = _typed(DTYPES[mix]), _typed(DTYPES[mix])
+    clip_grads_(ours, ClipConfig("norm", 1.0))
+    for a, b in zip(ours, ref, strict=True):
+        torch.nn.utils.clip_grad_norm_([b], 1.0)  # torch's clip of one tensor on its own
+        torch.testing.assert_close(a.grad, b.grad, rtol=TOL[a.grad.dtype], atol=1e-6)
+        assert float(torch.linalg.vector_norm(a.grad.float())) <= 1.0 * (1 + TOL[a.grad.dtype])
+    ours, ref = _typed(DTYPES[mix]), _typed(DTYPES[mix])
+    clip_grads_(ours, ClipConfig("value", 0.7))
+    torch.nn.utils.clip_grad_value_(ref, 0.7)
+    for a, b in zip(ours, ref, strict=True):
+        assert torch.equal(a.grad, b.grad)
+
+
+def test_the_scale_is_not_rounded_to_the_first_gradients_dtype() -> None:
+    """bf16 first: a scale rounded to bf16 is up to 0.2% off; the float32 tensors must be exact."""
+    params = _typed(DTYPES["bf16 first, then float32"])
+    before = [p.grad.double() for p in params]
+    total = float(torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(g)
+                                                         for g in before])))
+    clip_grads_(params, ClipConfig("global_norm", 1.0))
+    for p, g0 in zip(params[1:], before[1:], strict=True):
+        torch.testing.assert_close(p.grad.double(), g0 / total, rtol=1e-6, atol=0)
+    norm_params = _typed(DTYPES["bf16 first, then float32"])
+    clip_grads_(norm_params, ClipConfig("norm", 0.3))
+    for p in norm_params[1:]:  # a float32 tensor is never left above its threshold
+        assert float(torch.linalg.vector_norm(p.grad)) <= 0.3 * (1 + 1e-6)
+
+
+def test_a_finite_float64_norm_above_float32_range_stays_finite() -> None:
+    """Squeezed through float32, a norm above ~1.8e19 squared to inf and zeroed every gradient."""
+    p = torch.nn.Parameter(torch.zeros(4, dtype=torch.float64))
+    p.grad = torch.full((4,), 1e20, dtype=torch.float64)
+    norm = clip_grads_([p], ClipConfig("global_norm", 1.0))
+    assert norm == pytest.approx(2e20, rel=1e-12)
+    torch.testing.assert_close(p.grad, torch.full((4,), 0.5, dtype=torch.float64))
+    half = torch.nn.Parameter(torch.zeros(10_000, dtype=torch.float16))
+    half.grad = torch.full((10_000,), 1000.0, dtype=torch.float16)  # norm 1e5 > float16's 65504
+    assert clip_grads_([half], ClipConfig("none")) == pytest.approx(1e5, rel=1e-3)
+
+
+def test_a_parameter_listed_twice_is_clipped_once() -> None:
+    p = torch.nn.Parameter(torch.zeros(4))
+    p.grad = torch.full((4,), 3.0)  # norm 6
+    norm = clip_grads_([p, p], ClipConfig("norm", 1.5))
+    assert norm == pytest.approx(6.0)  # counted once
+    torch.testing.assert_close(p.grad, torch.full((4,), 0.75))  # scaled once, to norm 1.5
+    q = torch.nn.Parameter(torch.zeros(4))
+    q.grad = torch.full((4,), 3.0)
+    assert clip_grads_([q, q], ClipConfig("global_norm", 1.5)) == pytest.approx(6.0)
+    torch.testing.assert_close(q.grad, torch.full((4,), 0.75))
+
+
+@pytest.mark.parametrize(("mode", "t"), [("none", None), ("value", 0.2), ("norm", 0.5),
+                                          ("global_norm", 0.8), ("autoclip", 50.0),
+                                          ("agc", 0.01), ("zclip", 1.0)])
+def test_the_post_clip_norm_is_the_norm_after_the_clip(mode: str, t: float | None) -> None:
+    from cliptune import Clipper
+
+    clipper = Clipper(ClipConfig(mode, t))  # type: ignore[arg-type]
+    for step in range(30):  # past zclip's warm-up
+        params = _params(seed=step, scale=1.0 + (step == 29) * 5)
+        pre, post, _ = clipper.clip_stats_(params)
+        after = torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(p.grad)
+                                                      for p in params]))
+        assert float(post) == pytest.approx(float(after), rel=1e-5)
+        assert float(post) <= float(pre) * (1 + 1e-6)

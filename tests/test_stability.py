@@ -193,3 +193,21 @@ def test_stability_pruner_wraps_and_validates() -> None:
         StabilityRules(divergence_factor=0.5)
     with pytest.raises(ValueError, match="'window' parameter of StabilityRules must be an int >= 1"):
         StabilityRules(window=0)
+
+
+def test_a_flat_trial_far_above_the_best_at_the_same_epoch_is_plateaued() -> None:
+    """A dead net (flat at chance) stops with its reason; a slow but improving one does not."""
+    study = optuna.create_study(pruner=StabilityPruner(optuna.pruners.NopPruner()))
+    best = study.ask()
+    for epoch, value in enumerate([1.0, 0.5, 0.3, 0.2]):
+        best.report(value, epoch)
+    study.tell(best, 0.2)
+    slow = TrialMonitor(study.ask(), StabilityRules())
+    for epoch, value in enumerate([2.0, 1.6, 1.3, 1.1]):  # worse, but still learning
+        slow.epoch(epoch, {"val_loss": value})
+    dead = TrialMonitor(study.ask(), StabilityRules())
+    dead.epoch(0, {"val_loss": 2.30})
+    dead.epoch(1, {"val_loss": 2.29})
+    with pytest.raises(optuna.TrialPruned, match="plateaued: val_loss=2.3 at epoch 2"):
+        dead.epoch(2, {"val_loss": 2.30})
+    assert study.trials[-1].user_attrs["prune_reason"] == "plateaued"

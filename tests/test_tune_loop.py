@@ -128,8 +128,13 @@ def test_the_clip_is_the_trials_and_the_norm_is_the_pre_clip_one() -> None:
         trial.report(0, val_loss=float(loss))
 
     space = {"modes": {"global_norm": {"threshold": {"choices": [0.5]}}}}
-    cliptune.tune_loop(train, search_space=space, n_trials=1, tracking=False)
+    result = cliptune.tune_loop(train, search_space=space, n_trials=1, tracking=False)
     assert seen[0][0] == pytest.approx(seen[0][1], rel=1e-6) and seen[0][1] > 0.5
+    [epoch] = result.study.trials[0].user_attrs["history"]  # which norm is which, per epoch
+    assert epoch["grad_norm_mean"] == pytest.approx(seen[0][1], rel=1e-6)  # pre-clip
+    assert epoch["grad_norm_postclip_mean"] == pytest.approx(0.5, rel=1e-6)
+    assert epoch["clip_coef_mean"] == pytest.approx(0.5 / seen[0][1], rel=1e-6)
+    assert epoch["clip_fraction"] == 1.0
 
 
 def test_maximize_a_users_accuracy() -> None:

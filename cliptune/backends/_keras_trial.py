@@ -36,20 +36,29 @@ def tensor_norms(grads: list[tf.Tensor]) -> tf.Tensor:
 def clip_fixed(grads: list[tf.Tensor], config: ClipConfig) -> tuple[list[tf.Tensor], tf.Tensor,
                                                                      tf.Tensor]:
     """A fixed mode on dense gradients: (clipped, pre-clip global norm, changed)."""
+    out, total, _, changed = clip_fixed_stats(grads, config)
+    return out, total, changed
+
+
+def clip_fixed_stats(grads: list[tf.Tensor], config: ClipConfig
+                     ) -> tuple[list[tf.Tensor], tf.Tensor, tf.Tensor, tf.Tensor]:
+    """As :func:`clip_fixed`, with the post-clip global norm before the flag."""
     norms = tensor_norms(grads)
     total = tf.norm(norms)
     mode, t = config.mode, config.threshold
     if mode is ClipMode.NONE:
-        return grads, total, tf.constant(False)
+        return grads, total, total, tf.constant(False)
     if mode is ClipMode.VALUE:
         changed = tf.reduce_any(tf.stack([tf.reduce_max(tf.abs(g)) > t for g in grads]))
-        return [tf.clip_by_value(g, -t, t) for g in grads], total, changed
+        out = [tf.clip_by_value(g, -t, t) for g in grads]
+        return out, total, tf.norm(tensor_norms(out)), changed
     if mode is ClipMode.NORM:
         scales = t / tf.maximum(norms, t)
         out = [tf.cast(tf.cast(g, scales.dtype) * scales[i], g.dtype) for i, g in enumerate(grads)]
-        return out, total, tf.reduce_any(norms > t)
+        return out, total, tf.norm(tf.minimum(norms, t)), tf.reduce_any(norms > t)
     scale = t / tf.maximum(total, t)  # GLOBAL_NORM
-    return [tf.cast(tf.cast(g, scale.dtype) * scale, g.dtype) for g in grads], total, total > t
+    out = [tf.cast(tf.cast(g, scale.dtype) * scale, g.dtype) for g in grads]
+    return out, total, total * scale, total > t
 
 
 class KerasClipState:
@@ -60,6 +69,7 @@ class KerasClipState:
         self.probe = probe
         self.adaptive = AdaptiveClip(config) if config.mode.adaptive else None
         self._probe_vars: tf.Variable | None = None
+        self._post: tf.Variable | None = None  # the last post-clip norm, read by Trial.step
 
     def __call__(self, grads: list[Any], variables: list[Any] | None = None
                  ) -> tuple[list[Any], tf.Tensor, tf.Tensor]:
@@ -80,12 +90,24 @@ class KerasClipState:
             total = tf.norm(tensor_norms(dense))
             clipped = self.adaptive.clip(dense, picked if picked is not None else dense)
             changed = self.adaptive.changed.read_value()
+            post = tf.norm(tensor_norms(clipped))
         else:
-            clipped, total, changed = clip_fixed(dense, self.config)
+            clipped, total, post, changed = clip_fixed_stats(dense, self.config)
+        self._keep_post(post)
         out = list(grads)
         for i, g in zip(present, clipped, strict=True):
             out[i] = g
         return out, tf.cast(total, tf.float32) if total.dtype != tf.float64 else total, changed
+
+    def _keep_post(self, post: tf.Tensor) -> None:
+        if self._post is None:
+            with tf.init_scope():
+                self._post = tf.Variable(0.0, trainable=False, name="cliptune_post_norm")
+        self._post.assign(tf.cast(post, tf.float32))
+
+    def post_norm(self) -> float | None:
+        """The post-clip global norm of the last clip (one host read)."""
+        return None if self._post is None else float(self._post.numpy())
 
     def _record_probe(self, dense: list[tf.Tensor]) -> None:
         """Keep ``[max |g|, *per-tensor norms]`` in a variable that the trial reads after the step."""

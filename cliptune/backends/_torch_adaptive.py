@@ -20,7 +20,7 @@ from cliptune.backends._adaptive_rules import (
     ZCLIP_EPS,
     ZCLIP_WARMUP,
 )
-from cliptune.backends._torch_clip import clip_tensors_, scale_, tensor_norms, unique_with_grad
+from cliptune.backends._torch_clip import clip_stats_, scale_, tensor_norms, unique_with_grad
 from cliptune.config import ClipConfig, ClipMode
 
 Tensor = torch.Tensor
@@ -36,9 +36,10 @@ def unit_norms(x: Tensor) -> Tensor:
     return torch.linalg.vector_norm(x.reshape(x.shape[0], -1), dim=1, dtype=dtype)
 
 
-def agc_(params: list[Tensor], lam: float) -> tuple[Tensor, Tensor]:
-    """Unit-wise adaptive clip of ``params``' gradients in place; pre-clip global norm, changed."""
-    squares, changed = [], []
+def agc_(params: list[Tensor], lam: float) -> tuple[Tensor, Tensor, Tensor]:
+    """Unit-wise adaptive clip of ``params``' gradients in place; the pre- and post-clip global
+    norms, and whether anything changed."""
+    squares, after, changed = [], [], []
     acc = torch.float64 if any(p.grad.dtype == torch.float64 for p in params) else torch.float32
     for p in params:
         g = p.grad
@@ -49,18 +50,19 @@ def agc_(params: list[Tensor], lam: float) -> tuple[Tensor, Tensor]:
         shape = (-1,) + (1,) * (g.ndim - 1) if g.ndim > 1 else ()
         g.mul_(scale.reshape(shape))  # in the norm's dtype; the product is rounded once
         squares.append(g_norm.to(acc).square().sum())
+        after.append((g_norm * scale).to(acc).square().sum())
         changed.append(trigger.any())
-    return torch.stack(squares).sum().sqrt(), torch.stack(changed).any()
+    return (torch.stack(squares).sum().sqrt(), torch.stack(after).sum().sqrt(),
+            torch.stack(changed).any())
 
 
-def _scale_(grads: list[Tensor], total: Tensor, limit: Tensor) -> Tensor:
-    """Scale ``grads`` so their global norm is at most ``limit``; whether anything changed.
-
-    Unlike a fixed threshold, ``limit`` may be 0 (a history of zero norms): no 0/0 then.
-    """
+def _scale_(grads: list[Tensor], total: Tensor, limit: Tensor) -> tuple[Tensor, Tensor]:
+    """Scale ``grads`` so their global norm is at most ``limit``; the norm after, and whether
+    anything changed. Unlike a fixed threshold, ``limit`` may be 0 (a history of zero norms): no
+    0/0 then."""
     changed = total > limit
     scale_(grads, torch.where(changed, limit / total, 1.0))
-    return changed
+    return torch.minimum(total, limit), changed
 
 
 class Clipper:
@@ -100,7 +102,7 @@ class Clipper:
 
     def __call__(self, parameters: Tensor | Iterable[Tensor]) -> float:
         """Clip the gradients of ``parameters`` in place; return the pre-clip global norm."""
-        total, _ = self.clip_(unique_with_grad(parameters))
+        total, _, _ = self.clip_stats_(unique_with_grad(parameters))
         return float(total)
 
     def clip_(self, params: list[Tensor]) -> tuple[Tensor, Tensor]:
@@ -109,20 +111,25 @@ class Clipper:
         Returns the pre-clip global norm and whether anything changed, as tensors on the
         gradients' device (no sync).
         """
+        total, _, changed = self.clip_stats_(params)
+        return total, changed
+
+    def clip_stats_(self, params: list[Tensor]) -> tuple[Tensor, Tensor, Tensor]:
+        """As :meth:`clip_`, with the post-clip global norm in the middle."""
         mode = self.config.mode
         if not mode.adaptive:
-            return clip_tensors_([p.grad for p in params], self.config)
+            return clip_stats_([p.grad for p in params], self.config)
         if not params:
             zero = torch.zeros((), dtype=torch.float32)
-            return zero, zero.bool()
+            return zero, zero, zero.bool()
         self.steps += 1
         if mode is ClipMode.AGC:
             return agc_(params, self.config.threshold)  # type: ignore[arg-type]
         grads = [p.grad for p in params]
         total = torch.linalg.vector_norm(tensor_norms(grads))
         if mode is ClipMode.AUTOCLIP:
-            return total, _scale_(grads, total, self._percentile(total))
-        return total, self._zclip_(grads, total)
+            return total, *_scale_(grads, total, self._percentile(total))
+        return total, *self._zclip_(grads, total)
 
     def _percentile(self, total: Tensor) -> Tensor:
         """Append ``total`` to the history; its p-th percentile (numpy's linear rule)."""
@@ -139,8 +146,8 @@ class Clipper:
         hi = min(lo + 1, n - 1)
         return ordered[lo] + (ordered[hi] - ordered[lo]) * (pos - lo)
 
-    def _zclip_(self, grads: list[Tensor], total: Tensor) -> Tensor:
-        """The zclip step (see the module docstring); whether it clipped."""
+    def _zclip_(self, grads: list[Tensor], total: Tensor) -> tuple[Tensor, Tensor]:
+        """The zclip step (see the module docstring); the norm after it, and whether it clipped."""
         if self.steps <= ZCLIP_WARMUP:
             if self._history is None:
                 self._history = total.new_empty(ZCLIP_WARMUP)
@@ -148,7 +155,7 @@ class Clipper:
             if self.steps == ZCLIP_WARMUP:
                 self._mean = self._history.mean()
                 self._var = (self._history - self._mean).square().mean()
-            return torch.zeros((), dtype=torch.bool, device=total.device)
+            return total, torch.zeros((), dtype=torch.bool, device=total.device)
         z_thres, mean, var = self.config.threshold, self._mean, self._var
         std = var.sqrt()  # type: ignore[union-attr]
         z = (total - mean) / (std + ZCLIP_EPS)
@@ -158,4 +165,4 @@ class Clipper:
         scale_(grads, torch.where(spike, target / total, 1.0))
         self._mean = ZCLIP_ALPHA * mean + (1 - ZCLIP_ALPHA) * kept  # type: ignore[operator]
         self._var = ZCLIP_ALPHA * var + (1 - ZCLIP_ALPHA) * (kept - self._mean).square()  # type: ignore[operator]
-        return spike
+        return kept, spike

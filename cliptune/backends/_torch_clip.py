@@ -80,17 +80,17 @@ def _scale_each_(grads: list[Tensor], scales: Tensor) -> None:
         torch._foreach_mul_(group, [by_id[id(g)].to(device) for g in group])
 
 
-def _clamp_(grads: list[Tensor], t: float) -> tuple[Tensor, Tensor]:
+def _clamp_(grads: list[Tensor], t: float) -> tuple[Tensor, Tensor, Tensor]:
     """Value clip, one tensor at a time so that it is read from memory once and then from cache.
 
-    Per tensor: its min and max (whether the clamp changes anything), its norm, the clamp. On CPU
-    this is ~9x faster than a foreach inf-norm (a slow kernel there) at 10M parameters, and about as
-    fast as torch's ``clip_grad_value_``, which computes no norm (benchmarks/clip_kernels.py).
+    Per tensor: its min and max (whether the clamp changes anything), its norm, the clamp, its
+    norm after the clamp (from cache). On CPU this is ~9x faster than a foreach inf-norm (a slow
+    kernel there) at 10M parameters (benchmarks/clip_kernels.py).
     """
     acc = accumulation_dtype(grads)
     device = grads[0].device
     zero = torch.zeros((), dtype=acc, device=device)
-    norms, changed = [zero], [zero.bool()]
+    norms, after, changed = [zero], [zero], [zero.bool()]
     for g in grads:
         if not g.numel():
             continue
@@ -99,7 +99,30 @@ def _clamp_(grads: list[Tensor], t: float) -> tuple[Tensor, Tensor]:
         norms.append(torch._foreach_norm([g], 2, dtype=dtype)[0].to(device=device, dtype=acc))
         changed.append(((hi > t) | (lo < -t)).to(device))
         g.clamp_(-t, t)
-    return torch.linalg.vector_norm(torch.stack(norms)), torch.stack(changed).any()
+        after.append(torch._foreach_norm([g], 2, dtype=dtype)[0].to(device=device, dtype=acc))
+    return (torch.linalg.vector_norm(torch.stack(norms)),
+            torch.linalg.vector_norm(torch.stack(after)), torch.stack(changed).any())
+
+
+def clip_stats_(grads: list[Tensor], clip: ClipConfig) -> tuple[Tensor, Tensor, Tensor]:
+    """Clip ``grads`` in place; the pre-clip and post-clip global L2 norms, and whether anything
+    changed, as tensors on the gradients' device (no sync). ``grads`` holds each tensor once."""
+    if not grads:
+        zero = torch.zeros((), dtype=torch.float32)
+        return zero, zero, zero.bool()
+    mode, t = clip.mode, clip.threshold
+    if mode is ClipMode.VALUE:
+        return _clamp_(grads, t)  # type: ignore[arg-type]
+    norms = tensor_norms(grads)
+    total = torch.linalg.vector_norm(norms)
+    if mode is ClipMode.NONE:
+        return total, total, torch.zeros((), dtype=torch.bool, device=total.device)
+    if mode is ClipMode.NORM:
+        _scale_each_(grads, t / norms.clamp_min(t))  # type: ignore[operator]
+        return total, torch.linalg.vector_norm(norms.clamp_max(t)), (norms > t).any()  # type: ignore[arg-type]
+    scale = t / total.clamp_min(t)  # type: ignore[operator]  # GLOBAL_NORM
+    scale_(grads, scale)
+    return total, total * scale, total > t
 
 
 def clip_tensors_(grads: list[Tensor], clip: ClipConfig) -> tuple[Tensor, Tensor]:
@@ -108,21 +131,8 @@ def clip_tensors_(grads: list[Tensor], clip: ClipConfig) -> tuple[Tensor, Tensor
     Both results stay tensors on the gradients' device, so a caller can read them without forcing
     a device sync every step. ``grads`` must hold each tensor once.
     """
-    if not grads:
-        zero = torch.zeros((), dtype=torch.float32)
-        return zero, zero.bool()
-    mode, t = clip.mode, clip.threshold
-    if mode is ClipMode.VALUE:
-        return _clamp_(grads, t)  # type: ignore[arg-type]
-    norms = tensor_norms(grads)
-    total = torch.linalg.vector_norm(norms)
-    if mode is ClipMode.NONE:
-        return total, torch.zeros((), dtype=torch.bool, device=total.device)
-    if mode is ClipMode.NORM:
-        _scale_each_(grads, t / norms.clamp_min(t))  # type: ignore[operator]
-        return total, (norms > t).any()
-    scale_(grads, t / total.clamp_min(t))  # type: ignore[operator]  # GLOBAL_NORM
-    return total, total > t
+    total, _, changed = clip_stats_(grads, clip)
+    return total, changed
 
 
 def clip_grads_(parameters: Tensor | Iterable[Tensor], config: ClipConfig) -> float:

@@ -74,16 +74,18 @@ class TorchClipState:
         states = [] if scaler is None else unscaled_states(scaler, optimizer)
         if states and _found_inf(states):  # the scaler skips this step
             return (torch.tensor(float("inf")),
-                    [(_read(loss), None, None, True, None)])
-        norm, clipped = self.clipper.clip_(params)
+                    [(_read(loss), None, None, True, None, None)])
+        norm, post, clipped = self.clipper.clip_stats_(params)
         if states:
-            return norm, [(_read(loss), float(norm), bool(clipped), False, None)]
+            return norm, [(_read(loss), float(norm), bool(clipped), False, float(post), None)]
         if norm.device.type == "cpu":
-            return norm, [(_read(loss), norm.item(), bool(clipped.item()), None, None)]
+            return norm, [(_read(loss), norm.item(), bool(clipped.item()), None, post.item(),
+                           None)]
         lost = torch.tensor(float("nan"), device=norm.device) if loss is None else loss.detach()
         self._pending.append(torch.stack([lost.float().reshape(()), norm.float(),
-                                          clipped.float(), torch.tensor(loss is None,
-                                          dtype=torch.float32, device=norm.device)]))
+                                          clipped.float(), post.float(), torch.tensor(
+                                              loss is None, dtype=torch.float32,
+                                              device=norm.device)]))
         return norm, self.flush() if len(self._pending) >= SYNC_EVERY else []
 
     def flush(self) -> list[tuple]:
@@ -92,8 +94,8 @@ class TorchClipState:
             return []
         rows = torch.stack(self._pending).tolist()
         self._pending.clear()
-        return [(None if no_loss > 0.5 else loss, norm, clipped > 0.5, None, None)
-                for loss, norm, clipped, no_loss in rows]
+        return [(None if no_loss > 0.5 else loss, norm, clipped > 0.5, None, post, None)
+                for loss, norm, clipped, post, no_loss in rows]
 
     def _probe(self, params: list[torch.Tensor], loss: Any) -> tuple[torch.Tensor, list[tuple]]:
         """No clip: per-tensor norms and the largest |g| for the ``threshold: auto`` probe."""
@@ -104,7 +106,7 @@ class TorchClipState:
         max_abs = torch.stack([g.abs().amax().float().to(norms.device) for g in grads]).amax()
         total = torch.linalg.vector_norm(norms)
         values = torch.cat([max_abs.reshape(1), norms]).tolist()
-        return total, [(_read(loss), float(total), False, None, values)]
+        return total, [(_read(loss), float(total), False, None, float(total), values)]
 
 
 def _read(loss: Any) -> float | None:
