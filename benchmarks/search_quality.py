@@ -95,7 +95,7 @@ def run_tune(task: Task, seed: int, n_trials: int, space: str = "default") -> An
               "search_space": space}
     if isinstance(task, LoopTask):
         return cliptune.tune_loop(task.counted_train(), metric=task.metric, confirm=3, **common)
-    return cliptune.tune(task.counted_model_fn(), task.data, **task.tune_kwargs(), **common)
+    return cliptune.tune(task.counted_model_fn(), task.data, **{**task.tune_kwargs(), **common})
 
 
 def retrained(task: Task, clip: Any, seed: int) -> float:
@@ -166,7 +166,7 @@ def run(n_trials: int = N_TRIALS, seeds: tuple[int, ...] = SEEDS,
         row = {"task": name, **{key: median([r[key] for r in found]) for key in (
             "tune_chosen", "grid_chosen", "best_default", "chosen_tune_vs_grid",
             "tune_vs_best_default", "steps_vs_grid", "tune_steps", "grid_steps")},
-               "tune_configs": " | ".join(r["tune_config"][10:-1] for r in found)}
+               "tune_configs": " | ".join(r["tune_config"].removeprefix("ClipConfig(")[:-1] for r in found)}
         if "adaptive_vs_tune" in found[0]:
             row.update(adaptive_vs_tune=median([r["adaptive_vs_tune"] for r in found]),
                        adaptive_default_vs_fixed=median([r["adaptive_default_vs_fixed"]

@@ -9,15 +9,15 @@ value wherever it is given (:mod:`cliptune._checks`).
 from __future__ import annotations
 
 import inspect
-from collections.abc import Callable, Iterator, Mapping
+from collections.abc import Iterator, Mapping
 from dataclasses import dataclass, field, fields
 from typing import Any
 
 import optuna
 
 from cliptune import _checks as c
+from cliptune import _setting_checks as sc
 from cliptune._errors import did_you_mean
-from cliptune.space import SearchSpace
 from cliptune.storage import Heartbeat
 from cliptune.tracking import Tracker
 
@@ -32,78 +32,6 @@ def _setting(default: Any, check: c.Check, doc: str, job: str | None = None,
     """A dataclass field that is a setting: its constraint, doc, job-file key and takers."""
     return field(default=default, metadata={"check": check, "doc": doc, "job": job,
                                             "takes": takes})
-
-
-def _space(value: Any) -> SearchSpace:
-    try:
-        return SearchSpace.resolve(value)
-    except TypeError:
-        raise c.Invalid("a shipped name, a YAML path, a dict or a SearchSpace",
-                        kind=TypeError) from None
-
-
-def _heartbeat(value: Any) -> Heartbeat | None:
-    if value is None or isinstance(value, Heartbeat):
-        return value
-    if isinstance(value, Mapping):
-        unknown = set(value) - {"interval", "grace_period"}
-        if unknown:
-            key = sorted(map(str, unknown))[0]
-            raise c.Invalid("a mapping with the keys 'interval' and 'grace_period'",
-                            f" Unknown key {key!r}.{did_you_mean(key, ['interval', 'grace_period'])}")
-        try:
-            return Heartbeat(**value)
-        except ValueError as exc:
-            raise c.Invalid(f"a valid heartbeat ({exc})") from None
-    raise c.Invalid("a cliptune Heartbeat or None", kind=TypeError)
-
-
-def _baselines(value: Any) -> bool | list[Any]:
-    if isinstance(value, bool):
-        return value
-    if isinstance(value, (list, tuple)):
-        from cliptune.config import ClipConfig
-
-        try:
-            return [v if isinstance(v, ClipConfig) else ClipConfig.from_dict(v, "baselines")
-                    for v in value]
-        except ValueError as exc:
-            raise c.Invalid(f"ClipConfigs or {{mode: ..., threshold: ...}} mappings ({exc})") \
-                from None
-    raise c.Invalid("True, False or a list of clip configs", kind=TypeError)
-
-
-def _confirm(value: Any) -> int | str:
-    if value == "auto" or (isinstance(value, int) and not isinstance(value, bool) and value >= 0):
-        return value
-    raise c.Invalid("'auto' or an int >= 0")
-
-
-def _warm_start(value: Any) -> Any:
-    if value is None or isinstance(value, optuna.Study) or hasattr(value, "study"):
-        return value  # a study, or a TuneResult
-    if isinstance(value, str) and value.strip():
-        return value  # a best-config YAML, or "STUDY@STORAGE_URL"
-    raise c.Invalid("a best-config YAML path, 'STUDY@STORAGE_URL', an optuna.Study, a "
-                    "TuneResult or None", kind=TypeError)
-
-
-def _callables(value: Any) -> list[Callable[..., Any]] | None:
-    if value is None:
-        return None
-    if isinstance(value, (list, tuple)) and all(callable(v) for v in value):
-        return list(value)
-    raise c.Invalid("a list of callables (study, frozen_trial) or None", kind=TypeError)
-
-
-def _metric_functions(value: Any) -> dict[str, Callable[..., Any]]:
-    if value is None:
-        return {}
-    if isinstance(value, Mapping) and all(isinstance(k, str) and k.isidentifier() and callable(v)
-                                          for k, v in value.items()):
-        return dict(value)
-    raise c.Invalid("a dict of metric names to callables (outputs, targets) -> float",
-                    kind=TypeError)
 
 
 @dataclass(frozen=True)
@@ -135,7 +63,7 @@ class Training:
         "thread, and far faster on a busy machine), else the cores shared by the workers.",
         "threads", BUILT_IN)
     metrics: dict[str, Any] = _setting(
-        None, _metric_functions, "More validation metrics, ``{name: fn(outputs, targets)}``, "
+        None, sc.metric_functions, "More validation metrics, ``{name: fn(outputs, targets)}``, "
         "reported each epoch as ``val_<name>``; ``val_accuracy`` comes built in for the "
         "classification losses.", None, BUILT_IN)
 
@@ -144,7 +72,7 @@ class Training:
 class Search:
     """What is searched and what a trial is worth."""
 
-    search_space: Any = _setting("default", _space, "A shipped name (``'default'``, ``'rnn'``, "
+    search_space: Any = _setting("default", sc.space, "A shipped name (``'default'``, ``'rnn'``, "
                                  "...), a YAML path, a dict or a :class:`SearchSpace`.",
                                  "search_space")
     n_trials: int = _setting(20, c.positive_int, "The study's total of finished trials: a rerun "
@@ -169,12 +97,12 @@ class Search:
     probe_steps: int = _setting(200, c.positive_int, "Most steps of the probe that sets "
                                 "``threshold: auto`` ranges.", "probe_steps")
     baselines: Any = _setting(
-        True, _baselines, "Configs tried first, so the result is never worse than them: True for "
+        True, sc.baselines, "Configs tried first, so the result is never worse than them: True for "
         "the usual ones (no clip, global norm 1.0, and the probe's mean gradient norm where a "
         "probe ran), False for none, or a list of ClipConfigs (or {mode, threshold} mappings).",
         "baselines")
     warm_start: Any = _setting(
-        None, _warm_start, "Start from another run: the best configs of a study (an "
+        None, sc.warm_start, "Start from another run: the best configs of a study (an "
         "``optuna.Study``, a TuneResult or ``'NAME@STORAGE_URL'``) or a best-config YAML, tried "
         "first and marked ``cliptune.transferred``.", "warm_start")
     multi_fidelity: bool = _setting(
@@ -182,7 +110,7 @@ class Search:
         "few (Optuna's SuccessiveHalvingPruner under the stability rules); False: the "
         "MedianPruner. A ``pruner`` replaces both.", "multi_fidelity")
     confirm: Any = _setting(
-        "auto", _confirm, "How many of the best configs are re-trained on fresh seeds before "
+        "auto", sc.confirm, "How many of the best configs are re-trained on fresh seeds before "
         "the winner is chosen by its mean (0: off; 'auto': 3 for tune() with 10 trials or "
         "more, else 0).", "confirm")
     confirm_seeds: int = _setting(1, c.positive_int, "Fresh seeds each confirmed config "
@@ -201,7 +129,7 @@ class Study:
     study_name: str | None = _setting(None, c.optional(c.text), "The study's name in the "
                                       "storage.", "study.name")
     heartbeat: Heartbeat | None = _setting(
-        Heartbeat(), _heartbeat, "With a storage, how often running trials say they are alive "
+        Heartbeat(), sc.heartbeat, "With a storage, how often running trials say they are alive "
         "and how long silence means their worker died (their trial is retried).",
         "study.heartbeat")
     n_jobs: int = _setting(1, c.positive_int, "Worker processes on this machine (spawned: the "
@@ -230,7 +158,7 @@ class Run:
 
     show_progress: bool | None = _setting(None, c.optional(c.boolean), "A progress bar; by "
                                           "default when stderr is a terminal.")
-    callbacks: list[Any] | None = _setting(None, _callables, "Called after each trial as in "
+    callbacks: list[Any] | None = _setting(None, sc.callables, "Called after each trial as in "
                                            "``Study.optimize``.")
     refit: bool = _setting(False, c.boolean, "Train the best config on train plus validation "
                            "data and return it as ``result.model``.", "refit", BUILT_IN)
