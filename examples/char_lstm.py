@@ -99,18 +99,19 @@ def train(trial: cliptune.Trial) -> None:
         trial.report(epoch, bpc=bits_per_char(model, val_data))  # cliptune: the epoch's metric
 
 
-def retrain(config: cliptune.ClipConfig, seeds: range) -> list[float]:
-    """Validation bpc of ``config`` trained from fresh seeds (inf where it blew up)."""
-    values = []
+def retrain(config: cliptune.ClipConfig, seeds: range) -> list[str]:
+    """Validation bpc of ``config`` trained from fresh seeds, outside the study (or why the
+    stability rules stopped it)."""
+    results = []
     for seed in seeds:
-        monitor = cliptune.TrialMonitor(cliptune.trial.PlainReporter(), cliptune.StabilityRules(),
-                                        metric="bpc")
+        reporter = cliptune.trial.PlainReporter()
+        monitor = cliptune.TrialMonitor(reporter, cliptune.StabilityRules(), metric="bpc")
         try:
             train(cliptune.Trial(config, {}, number=0, seed=seed, monitor=monitor))
-            values.append(monitor.history[-1]["bpc"])
+            results.append(f"{monitor.history[-1]['bpc']:.3f}")
         except optuna.TrialPruned:
-            values.append(math.inf)
-    return values
+            results.append(f"blew up ({reporter.user_attrs['prune_reason']})")
+    return results
 
 
 if __name__ == "__main__":
@@ -126,5 +127,4 @@ if __name__ == "__main__":
     for name, config in [("tuned", result.best_config),
                          ("global_norm 1.0", cliptune.ClipConfig("global_norm", 1.0)),
                          ("no clip", cliptune.ClipConfig("none"))]:
-        bpc = retrain(config, fresh)
-        print(f"{name:>16}: validation bpc on fresh seeds {', '.join(f'{v:.3f}' for v in bpc)}")
+        print(f"{name:>16}: validation bpc on fresh seeds {', '.join(retrain(config, fresh))}")
