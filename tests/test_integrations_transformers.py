@@ -125,7 +125,7 @@ def test_the_optimizer_steps_with_the_clipped_gradients(tmp_path: Path,
     trainer = _trainer(trial, tmp_path, **precision)
     trainer.train()
     assert len(trainer.model.seen) == trainer.state.global_step == trial.monitor.steps == STEPS
-    assert max(trainer.model.seen) <= 0.05 * (1 + 1e-5)
+    assert trainer.model.seen == pytest.approx([0.05] * STEPS, rel=1e-5)
     assert trial.history[0]["grad_norm_max"] > 1.0 and trial.history[0]["clip_fraction"] == 1.0
     assert trial.history[0]["train_loss"] == pytest.approx(statistics.mean(
         trainer.model.losses[:16]))
@@ -163,9 +163,39 @@ def test_fp16_overflow_steps_are_counted_not_pruned_and_the_clip_sees_unscaled_g
     assert 0 < skipped < STEPS
     model = models[0]
     assert len(model.seen) == STEPS - skipped  # the scaler skipped exactly the counted steps
-    assert max(model.seen) <= 0.05 * (1 + 1e-5)  # clipped after unscaling, not at 2**k x t
+    # the clip acts on unscaled gradients: t, not t / 2**k, reaches the optimizer
+    assert model.seen == pytest.approx([0.05] * len(model.seen), rel=1e-4)
+    assert history[-1]["clip_fraction"] == 1.0 and history[-1]["grad_norm_max"] < 1e3
     raw = statistics.mean(model.losses[16:])  # the step losses reach the rules unscaled
     assert 0.5 * raw < history[1]["train_loss"] < 2 * raw
+
+
+def test_gradients_still_scaled_at_the_hook_are_unscaled_before_the_clip(tmp_path: Path) -> None:
+    # transformers 4.x reaches on_pre_optimizer_step with max_grad_norm=0 before anything unscaled
+    # the gradients (5.x unscales them to log their norm). Driven here as that Trainer drove it:
+    # fp16 autocast, accelerate's AcceleratedOptimizer over a CPU GradScaler, no unscale_ of ours.
+    from accelerate import Accelerator
+    from accelerate.optimizer import AcceleratedOptimizer
+
+    args = _args(tmp_path)  # (TrainingArguments resets accelerate's process state)
+    accelerator = Accelerator(cpu=True)  # the process state AcceleratedOptimizer reads
+    torch.manual_seed(0)
+    trial, model, data, seen = a_trial("global_norm", 0.05), Regression(), Pairs(), []
+    scaler = torch.amp.GradScaler("cpu", init_scale=2.0**30)
+    optimizer = AcceleratedOptimizer(SpySGD(model.parameters(), 0.2, seen), scaler=scaler)
+    callback = ClipTuneCallback(trial)
+    callback.on_train_begin(args, None, None, model=model)
+    for i in range(STEPS):
+        with torch.autocast("cpu", dtype=torch.float16):
+            loss = model(data.x[8 * i:8 * i + 8], data.y[8 * i:8 * i + 8])["loss"]
+        scaler.scale(loss).backward()
+        callback.on_pre_optimizer_step(args, None, None, optimizer=optimizer)
+        optimizer.step()
+        optimizer.zero_grad()
+    skipped = trial.monitor.skipped_steps
+    assert accelerator.state.mixed_precision == "no"  # the scaler above, not accelerate's
+    assert 0 < skipped < STEPS and len(seen) == STEPS - skipped
+    assert seen == pytest.approx([0.05] * len(seen), rel=1e-4)
 
 
 def test_max_grad_norm_is_refused_before_training(tmp_path: Path) -> None:

@@ -28,6 +28,7 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import numbers
 from collections.abc import Iterator, Mapping
 from typing import Any
 
@@ -143,7 +144,7 @@ class ClipTuneCallback(transformers.TrainerCallback):
                              f"not return (it returned {got}). Pass ClipTuneCallback(trial, "
                              "metric=...) one of them, or return it from compute_metrics.")
         reported = {"val_" + k.removeprefix("eval_"): float(v) for k, v in metrics.items()
-                    if k != self.metric and _is_metric(k) and isinstance(v, (int, float))}
+                    if k != self.metric and _is_metric(k) and isinstance(v, numbers.Real)}
         reported[self.trial.metric] = float(metrics[self.metric])
         with self._detach_on_error():
             self.trial.report(self.reports, **reported)
