@@ -43,7 +43,9 @@ from cliptune.config import ClipConfig, ClipMode
 # a cliptune.Trial is checked by what it offers and typed as _Trial.
 _Trial = Any
 
-_NORM, _CLIPPED, _APPLIES, _CLIPS = range(4)  # the slots of the optimizer's cliptune_stats
+# The slots of the optimizer's cliptune_stats: the last clip's pre-clip norm and whether it changed
+# the gradients, how many times apply and the clip ran, and the loss tracker's total and count.
+_NORM, _CLIPPED, _APPLIES, _CLIPS, _TOTAL, _COUNT = range(6)
 
 
 def _check_trial(trial: Any, owner: str) -> _Trial:
@@ -62,24 +64,31 @@ class _TrialClipMixin:
         super().__init__(*args, **kwargs)
         self.cliptune_trial = cliptune_trial
         self.cliptune_stats: tf.Variable | None = None
+        self.cliptune_tracker: Any = None  # the model's loss tracker, set by ClipTuneCallback
         self._cliptune_variables: list[Any] = []
 
     def build(self, variables: list[Any]) -> None:
         super().build(variables)  # type: ignore[misc]
         with tf.init_scope():  # eagerly, even when built inside the train function
-            self.cliptune_stats = tf.Variable(tf.zeros([4], tf.float64), trainable=False,
+            self.cliptune_stats = tf.Variable(tf.zeros([6], tf.float64), trainable=False,
                                               name="cliptune_stats")
 
     def _backend_apply_gradients(self, grads: list[Any], trainable_variables: list[Any]) -> Any:
+        """Count the apply and copy the loss tracker (train_step updated it before the gradients),
+        so that the callback reads one variable a batch."""
         self._cliptune_variables = list(trainable_variables)  # for agc, in _clip_gradients
-        self.cliptune_stats.assign_add(tf.one_hot(_APPLIES, 4, dtype=tf.float64))
+        stats, tracker = self.cliptune_stats, self.cliptune_tracker
+        total, count = (stats[_TOTAL], stats[_COUNT]) if tracker is None else (
+            tf.cast(tracker.total.value, tf.float64), tf.cast(tracker.count.value, tf.float64))
+        stats.assign(tf.stack([stats[_NORM], stats[_CLIPPED], stats[_APPLIES] + 1, stats[_CLIPS],
+                               total, count]))
         return super()._backend_apply_gradients(grads, trainable_variables)  # type: ignore[misc]
 
     def _clip_gradients(self, grads: list[Any]) -> list[Any]:
         clipped, norm, changed = self.cliptune_trial.clip(grads, self._cliptune_variables)
         stats = self.cliptune_stats
         stats.assign(tf.stack([tf.cast(norm, tf.float64), tf.cast(changed, tf.float64),
-                               stats[_APPLIES], stats[_CLIPS] + 1]))
+                               stats[_APPLIES], stats[_CLIPS] + 1, stats[_TOTAL], stats[_COUNT]]))
         return clipped
 
 
@@ -169,7 +178,7 @@ class ClipTuneCallback(keras.callbacks.Callback):
         self._optimizer: Any = None
         self._scaled = False  # a LossScaleOptimizer wraps the trial's optimizer
         self._tracker: Any = None
-        self._stats = [0.0] * 4
+        self._stats = [0.0] * 6
         self._total = self._count = 0.0
         self._pending: list[float] = []  # losses of micro-batches not yet applied (accumulation)
 
@@ -186,8 +195,9 @@ class ClipTuneCallback(keras.callbacks.Callback):
                              "trials. Got jit_compile=True instead.")
         self._tracker = next((m for m in self.model.metrics if m.name == "loss"
                               and isinstance(m, keras.metrics.Mean)), None)
+        self._optimizer.cliptune_tracker = self._tracker  # read in the train step, if not traced
         if self._optimizer.cliptune_stats is not None:
-            self._stats = self._optimizer.cliptune_stats.numpy().tolist()
+            self._stats = self._optimizer.cliptune_stats.value().numpy().tolist()
 
     def on_epoch_begin(self, epoch: int, logs: dict[str, Any] | None = None) -> None:
         self._total, self._count = self._tracked()
@@ -195,10 +205,14 @@ class ClipTuneCallback(keras.callbacks.Callback):
     def _tracked(self) -> tuple[float, float]:
         if self._tracker is None:
             return 0.0, 0.0
-        return float(self._tracker.total.numpy()), float(self._tracker.count.numpy())
+        return float(self._tracker.total), float(self._tracker.count)
 
-    def _step_loss(self, logs: dict[str, Any] | None) -> float | None:
-        total, count = self._tracked()
+    def _step_loss(self, stats: list[float], logs: dict[str, Any] | None) -> float | None:
+        """The tracker's increment over the step: from the stats the optimizer copied, or read
+        here (a step the LossScaleOptimizer skipped, a train function traced before this fit)."""
+        total, count = stats[_TOTAL], stats[_COUNT]
+        if count == self._count:
+            total, count = self._tracked()
         added, done = total - self._total, count - self._count
         self._total, self._count = total, count
         if done > 0:
@@ -208,8 +222,8 @@ class ClipTuneCallback(keras.callbacks.Callback):
 
     def on_train_batch_end(self, batch: int, logs: dict[str, Any] | None = None) -> None:
         before = self._stats
-        self._stats = stats = self._optimizer.cliptune_stats.numpy().tolist()
-        loss = self._step_loss(logs)
+        self._stats = stats = self._optimizer.cliptune_stats.value().numpy().tolist()
+        loss = self._step_loss(stats, logs)
         if stats[_APPLIES] == before[_APPLIES] and self._scaled:  # the wrapper skipped the step
             self._pending = []
             self.trial.step(loss, None, None, skipped=True)

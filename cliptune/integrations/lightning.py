@@ -78,7 +78,9 @@ class ClipTuneCallback(pl.Callback):
 
     def on_before_backward(self, trainer: pl.Trainer, pl_module: pl.LightningModule,
                            loss: torch.Tensor) -> None:
-        raw = loss.detach().float() * trainer.accumulate_grad_batches
+        raw = loss.detach().float()  # (no copy for a float32 loss)
+        if trainer.accumulate_grad_batches != 1:  # Lightning divided the loss by it
+            raw = raw * trainer.accumulate_grad_batches
         scaler = _scaler(trainer)
         if scaler is not None and scaler.is_enabled():
             raw = raw / scaler.get_scale()  # AMP scales the loss before this hook; a power of 2
@@ -89,8 +91,10 @@ class ClipTuneCallback(pl.Callback):
                                  optimizer: torch.optim.Optimizer) -> None:
         if not self._n_losses:  # training_step returned None: no backward, nothing to clip
             return
-        loss = self._loss_sum / self._n_losses  # type: ignore[operator]
+        loss, n = self._loss_sum, self._n_losses
         self._loss_sum, self._n_losses = None, 0
+        if n > 1:
+            loss = loss / n  # type: ignore[operator]
         self.trial.clip_(optimizer, loss, scaler=_scaler(trainer))
 
     def on_validation_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:

@@ -94,7 +94,8 @@ class ClipTuneCallback(transformers.TrainerCallback):
         self.metric = metric or eval_name(trial.metric)
         self.reports = 0  # evaluations reported (the epochs of the trial's history)
         self._hook: Any = None
-        self._losses: list[torch.Tensor] = []  # this step's micro-batch losses, on device
+        self._loss_sum: torch.Tensor | None = None  # this step's micro-batch losses, on device
+        self._n_losses = 0
         self._summed = False  # the model normalised by the step's num_items_in_batch
         self._warned = False
 
@@ -109,7 +110,9 @@ class ClipTuneCallback(transformers.TrainerCallback):
             return
         loss = _loss_of(output)
         if loss is not None:
-            self._losses.append(loss.detach().float().reshape(()))
+            loss = loss.detach().float().reshape(())  # (no copy for a float32 loss)
+            self._loss_sum = loss if self._loss_sum is None else self._loss_sum + loss
+            self._n_losses += 1
             self._summed = kwargs.get("num_items_in_batch") is not None
 
     def on_pre_optimizer_step(self, args: Any, state: Any, control: Any, optimizer: Any = None,
@@ -121,16 +124,16 @@ class ClipTuneCallback(transformers.TrainerCallback):
             self.trial.clip_(optimizer, self._step_loss(), scaler=scaler)
 
     def _step_loss(self) -> torch.Tensor | None:
-        losses, self._losses = self._losses, []
-        if not losses:
+        total, n = self._loss_sum, self._n_losses
+        self._loss_sum, self._n_losses = None, 0
+        if total is None:
             if not self._warned:
                 log.warning("ClipTuneCallback found no loss in the model's output (a "
                             "compute_loss_func, label smoothing or a custom compute_loss): the "
                             "stability rules watch the gradient norm only.")
                 self._warned = True
             return None
-        total = torch.stack(losses).sum()
-        return total if self._summed else total / len(losses)
+        return total if self._summed or n == 1 else total / n
 
     def on_evaluate(self, args: Any, state: Any, control: Any, metrics: dict[str, float] | None = None,
                     **kwargs: Any) -> None:
