@@ -124,6 +124,16 @@ def test_the_rules_see_each_steps_own_loss_not_the_running_mean() -> None:
     assert [h["train_mae"] for h in trial.history] == pytest.approx(history["mae"])
 
 
+def test_a_train_step_traced_before_the_callback_still_gives_the_step_losses() -> None:
+    trial = a_trial("global_norm", 1.0)
+    model = _model(trial)
+    X, y = _data()
+    model.fit(X, y, batch_size=BATCH, verbose=0)  # traces the train step without the callback
+    history = _fit(trial, model).history
+    assert model.optimizer.cliptune_stats.numpy()[-1] == 0  # nothing copied in the train step
+    assert [h["train_loss"] for h in trial.history] == pytest.approx(history["loss"], rel=1e-4)
+
+
 def test_a_nan_loss_is_seen_at_its_step() -> None:
     X, y = _data()
     X[5 * BATCH] = np.nan  # the sixth batch

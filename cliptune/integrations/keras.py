@@ -44,8 +44,9 @@ from cliptune.config import ClipConfig, ClipMode
 _Trial = Any
 
 # The slots of the optimizer's cliptune_stats: the last clip's pre-clip norm and whether it changed
-# the gradients, how many times apply and the clip ran, and the loss tracker's total and count.
-_NORM, _CLIPPED, _APPLIES, _CLIPS, _TOTAL, _COUNT = range(6)
+# the gradients, how many times apply and the clip ran, the loss tracker's total and count, and
+# how many times apply copied them (not when the train step was traced before the callback).
+_NORM, _CLIPPED, _APPLIES, _CLIPS, _TOTAL, _COUNT, _COPIES = range(7)
 
 
 def _check_trial(trial: Any, owner: str) -> _Trial:
@@ -70,7 +71,7 @@ class _TrialClipMixin:
     def build(self, variables: list[Any]) -> None:
         super().build(variables)  # type: ignore[misc]
         with tf.init_scope():  # eagerly, even when built inside the train function
-            self.cliptune_stats = tf.Variable(tf.zeros([6], tf.float64), trainable=False,
+            self.cliptune_stats = tf.Variable(tf.zeros([7], tf.float64), trainable=False,
                                               name="cliptune_stats")
 
     def _backend_apply_gradients(self, grads: list[Any], trainable_variables: list[Any]) -> Any:
@@ -78,17 +79,18 @@ class _TrialClipMixin:
         so that the callback reads one variable a batch."""
         self._cliptune_variables = list(trainable_variables)  # for agc, in _clip_gradients
         stats, tracker = self.cliptune_stats, self.cliptune_tracker
-        total, count = (stats[_TOTAL], stats[_COUNT]) if tracker is None else (
-            tf.cast(tracker.total.value, tf.float64), tf.cast(tracker.count.value, tf.float64))
+        copied = (stats[_TOTAL], stats[_COUNT], stats[_COPIES]) if tracker is None else (
+            tf.cast(tracker.total.value, tf.float64), tf.cast(tracker.count.value, tf.float64),
+            stats[_COPIES] + 1)
         stats.assign(tf.stack([stats[_NORM], stats[_CLIPPED], stats[_APPLIES] + 1, stats[_CLIPS],
-                               total, count]))
+                               *copied]))
         return super()._backend_apply_gradients(grads, trainable_variables)  # type: ignore[misc]
 
     def _clip_gradients(self, grads: list[Any]) -> list[Any]:
         clipped, norm, changed = self.cliptune_trial.clip(grads, self._cliptune_variables)
         stats = self.cliptune_stats
-        stats.assign(tf.stack([tf.cast(norm, tf.float64), tf.cast(changed, tf.float64),
-                               stats[_APPLIES], stats[_CLIPS] + 1, stats[_TOTAL], stats[_COUNT]]))
+        stats.assign(tf.concat([tf.stack([tf.cast(norm, tf.float64), tf.cast(changed, tf.float64),
+                                          stats[_APPLIES], stats[_CLIPS] + 1]), stats[_TOTAL:]], 0))
         return clipped
 
 
@@ -178,7 +180,7 @@ class ClipTuneCallback(keras.callbacks.Callback):
         self._optimizer: Any = None
         self._scaled = False  # a LossScaleOptimizer wraps the trial's optimizer
         self._tracker: Any = None
-        self._stats = [0.0] * 6
+        self._stats = [0.0] * 7
         self._total = self._count = 0.0
         self._pending: list[float] = []  # losses of micro-batches not yet applied (accumulation)
 
@@ -207,11 +209,12 @@ class ClipTuneCallback(keras.callbacks.Callback):
             return 0.0, 0.0
         return float(self._tracker.total), float(self._tracker.count)
 
-    def _step_loss(self, stats: list[float], logs: dict[str, Any] | None) -> float | None:
+    def _step_loss(self, stats: list[float], copies: float, logs: dict[str, Any] | None
+                   ) -> float | None:
         """The tracker's increment over the step: from the stats the optimizer copied, or read
         here (a step the LossScaleOptimizer skipped, a train function traced before this fit)."""
         total, count = stats[_TOTAL], stats[_COUNT]
-        if count == self._count:
+        if stats[_COPIES] == copies:
             total, count = self._tracked()
         added, done = total - self._total, count - self._count
         self._total, self._count = total, count
@@ -223,7 +226,7 @@ class ClipTuneCallback(keras.callbacks.Callback):
     def on_train_batch_end(self, batch: int, logs: dict[str, Any] | None = None) -> None:
         before = self._stats
         self._stats = stats = self._optimizer.cliptune_stats.value().numpy().tolist()
-        loss = self._step_loss(stats, logs)
+        loss = self._step_loss(stats, before[_COPIES], logs)
         if stats[_APPLIES] == before[_APPLIES] and self._scaled:  # the wrapper skipped the step
             self._pending = []
             self.trial.step(loss, None, None, skipped=True)
