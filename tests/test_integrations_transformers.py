@@ -15,6 +15,7 @@ pytest.importorskip("accelerate")
 
 from torch import nn  # noqa: E402
 
+import cliptune  # noqa: E402
 from cliptune import Trial, UsageError  # noqa: E402
 from cliptune.integrations.transformers import ClipTuneCallback, eval_name  # noqa: E402
 from tests._integrations import a_trial, trial_runs, tune_enqueued  # noqa: E402
@@ -24,6 +25,7 @@ transformers.logging.set_verbosity_error()
 
 STEPS = 32  # 2 epochs of 16 batches
 SPACE = {"modes": {"none": {}, "global_norm": {"threshold": {"choices": [1.0, 0.05]}}}}
+AUTO = {"modes": {"global_norm": {"threshold": "auto"}}}  # ranges from a probe of the gradients
 
 
 class SpySGD(torch.optim.SGD):
@@ -171,8 +173,8 @@ def test_fp16_overflow_steps_are_counted_not_pruned_and_the_clip_sees_unscaled_g
 
 
 def test_gradients_still_scaled_at_the_hook_are_unscaled_before_the_clip(tmp_path: Path) -> None:
-    # transformers 4.x reaches on_pre_optimizer_step with max_grad_norm=0 before anything unscaled
-    # the gradients (5.x unscales them to log their norm). Driven here as that Trainer drove it:
+    # transformers 4.45 reaches on_pre_optimizer_step with max_grad_norm=0 before anything unscaled
+    # the gradients (5.24 unscales them to log their norm). Driven here as that Trainer drives it:
     # fp16 autocast, accelerate's AcceleratedOptimizer over a CPU GradScaler, no unscale_ of ours.
     from accelerate import Accelerator
     from accelerate.optimizer import AcceleratedOptimizer
@@ -250,6 +252,20 @@ def test_tiny_bert_from_a_config_with_gradient_accumulation(tmp_path: Path) -> N
 def test_training_without_evaluation_is_an_error(tmp_path: Path) -> None:
     with pytest.raises(UsageError, match="saw no evaluation"):
         _trainer(a_trial("global_norm", 1.0), tmp_path, eval_strategy="no", num_train_epochs=1).train()
+
+
+def test_threshold_auto_probes_the_gradients_through_the_callback(tmp_path: Path) -> None:
+    result = cliptune.tune_loop(lambda trial: _trainer(trial, tmp_path).train(), n_trials=1,
+                                search_space=AUTO, tracking=False, seed=0, probe_steps=20)
+    low, high = (result.study.user_attrs["cliptune.search_space"]["modes"]["global_norm"]
+                 ["threshold"][k] for k in ("low", "high"))
+    assert 0 < low < high and result.n_complete + result.n_pruned == 1  # the trial ran its clip
+
+
+def test_a_trainer_without_the_hook_is_refused(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.delattr(transformers.TrainerCallback, "on_pre_optimizer_step")  # as before 4.45
+    with pytest.raises(ImportError, match=r"which transformers added in 4.45.*Got transformers"):
+        ClipTuneCallback(a_trial("none"))
 
 
 def test_bad_arguments_are_refused() -> None:

@@ -1,12 +1,13 @@
 """Transformers: :class:`ClipTuneCallback` brings a :class:`cliptune.Trial` into ``Trainer.train``.
 
-Where it acts, from ``Trainer._inner_training_loop`` (transformers 5.x):
+Where it acts, from ``Trainer._inner_training_loop`` (transformers 5.x; the hook exists from 4.45,
+and an older Trainer, which would never call it, is refused):
 
 - ``on_pre_optimizer_step`` runs once per optimizer step, after the backward passes of the step's
   micro-batches and after the Trainer's own ``max_grad_norm`` clip, just before
   ``optimizer.step()``. The Trainer's clip must be off (``max_grad_norm=0``); the trial's clip is
-  applied at this hook. Under fp16 the gradients may still be scaled here (4.x) or already
-  unscaled (5.x unscales them to log the norm, ``accelerator.clip_grad_norm_(..., inf)``): the
+  applied at this hook. Under fp16 the gradients may still be scaled here (4.45) or already
+  unscaled (5.24 unscales them to log the norm, ``accelerator.clip_grad_norm_(..., inf)``): the
   clip goes through the accelerate ``GradScaler`` either way (``trial.clip_(optimizer, loss,
   scaler=...)`` unscales only what is not yet unscaled), and a step the scaler will skip for
   inf/NaN gradients is counted, not clipped.
@@ -84,6 +85,11 @@ class ClipTuneCallback(transformers.TrainerCallback):
     """
 
     def __init__(self, trial: Trial, metric: str | None = None) -> None:
+        if not hasattr(transformers.TrainerCallback, "on_pre_optimizer_step"):
+            raise ImportError("ClipTuneCallback clips in TrainerCallback.on_pre_optimizer_step, "
+                              "which transformers added in 4.45: upgrade transformers (pip install "
+                              "\"cliptune[transformers]\"). Got transformers "
+                              f"{transformers.__version__} instead.")
         if not isinstance(trial, Trial):
             raise TypeError("The 'trial' parameter of ClipTuneCallback must be the cliptune.Trial "
                             f"that train(trial) received. Got {type(trial).__name__} instead.")
