@@ -14,6 +14,7 @@ import pytest
 tf = pytest.importorskip("tensorflow")
 keras = pytest.importorskip("keras")
 
+import cliptune  # noqa: E402
 from cliptune import Trial, UsageError  # noqa: E402
 from cliptune.backends._keras_adaptive import AdaptiveClip  # noqa: E402
 from cliptune.backends._keras_trial import clip_fixed  # noqa: E402
@@ -26,6 +27,7 @@ pytestmark = pytest.mark.integrations
 
 LR, BATCH, STEPS = 0.2, 16, 32  # 2 epochs of 16 batches
 SPACE = {"modes": {"none": {}, "global_norm": {"threshold": {"choices": [1.0, 0.05]}}}}
+AUTO = {"modes": {"global_norm": {"threshold": "auto"}}}  # ranges from a probe of the gradients
 
 
 def _data(n: int = 256) -> tuple[np.ndarray, np.ndarray]:
@@ -215,6 +217,14 @@ def test_metric_names_a_log_and_missing_ones_are_errors() -> None:
         _fit(a_trial("global_norm", 1.0), metric="val_mse")
     with pytest.raises(UsageError, match="saw no epoch with 'val_loss'"):
         _fit(a_trial("global_norm", 1.0), validation_data=None)
+
+
+def test_threshold_auto_probes_the_gradients_through_the_callback() -> None:
+    result = cliptune.tune_loop(lambda trial: _fit(trial), n_trials=1, search_space=AUTO,
+                                tracking=False, seed=0, probe_steps=20)
+    low, high = (result.study.user_attrs["cliptune.search_space"]["modes"]["global_norm"]
+                 ["threshold"][k] for k in ("low", "high"))
+    assert 0 < low < high and result.n_complete + result.n_pruned == 1  # the trial ran its clip
 
 
 def test_bad_arguments_are_refused() -> None:

@@ -15,6 +15,7 @@ pl = pytest.importorskip("lightning.pytorch")
 from lightning.pytorch.plugins import MixedPrecision  # noqa: E402
 from torch import nn  # noqa: E402
 
+import cliptune  # noqa: E402
 from cliptune import Trial, UsageError  # noqa: E402
 from cliptune.integrations.lightning import ClipTuneCallback  # noqa: E402
 from tests._integrations import a_trial, trial_runs, tune_enqueued  # noqa: E402
@@ -23,6 +24,7 @@ pytestmark = pytest.mark.integrations
 
 STEPS = 32  # 2 epochs of 16 batches
 SPACE = {"modes": {"none": {}, "global_norm": {"threshold": {"choices": [1.0, 0.05]}}}}
+AUTO = {"modes": {"global_norm": {"threshold": "auto"}}}  # ranges from a probe of the gradients
 
 
 class SpySGD(torch.optim.SGD):
@@ -183,6 +185,14 @@ def test_monitor_names_the_metric_the_module_logs() -> None:
 def test_a_fit_without_validation_is_an_error() -> None:
     with pytest.raises(UsageError, match="saw no validation round"):
         _fit(a_trial("global_norm", 1.0), validate=False)
+
+
+def test_threshold_auto_probes_the_gradients_through_the_callback() -> None:
+    result = cliptune.tune_loop(lambda trial: _fit(trial), n_trials=1, search_space=AUTO,
+                                tracking=False, seed=0, probe_steps=20)
+    low, high = (result.study.user_attrs["cliptune.search_space"]["modes"]["global_norm"]
+                 ["threshold"][k] for k in ("low", "high"))
+    assert 0 < low < high and result.n_complete + result.n_pruned == 1  # the trial ran its clip
 
 
 def test_bad_arguments_are_refused() -> None:
