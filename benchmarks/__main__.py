@@ -12,8 +12,9 @@ import time
 
 from benchmarks._common import ROOT
 
-ORDER = ["clip_kernels", "loop_overhead", "threads", "keras_overhead", "tracking_overhead", "tuner_overhead",
-         "parallel_scaling", "pruning_savings", "search_quality"]
+ORDER = ["clip_kernels", "loop_overhead", "threads", "keras_overhead", "integrations_overhead",
+         "tracking_overhead", "tuner_overhead", "parallel_scaling", "pruning_savings",
+         "search_quality"]
 
 
 def available() -> list[str]:
