@@ -2,8 +2,8 @@
 
 A study's best value is the minimum of noisy runs (a config's final loss moves with its
 initialisation and batch order), so the single best trial is partly luck. Before a study reports
-its winner, its ``confirm`` best complete configs (distinct params) each train again
-``confirm_seeds`` times; a re-run is an ordinary trial of the study with the same params, marked
+its winner, its ``confirm`` best complete configs (distinct params, within 20% of the best value:
+the others cannot win) each train again ``confirm_seeds`` times; a re-run is an ordinary trial of the study with the same params, marked
 with the user attribute ``cliptune.confirms`` (the trial it confirms), seeded ``seed + its own
 number`` (so fresh), never pruned as unpromising, and not counted in ``n_trials``. The winner is
 the candidate with the best mean over its original run and its re-runs (a pruned or failed re-run
@@ -21,6 +21,7 @@ import optuna
 from optuna.trial import FrozenTrial, TrialState
 
 CONFIRMS_ATTR = "cliptune.confirms"
+MARGIN = 0.2  # a candidate's value is within 20% of the best one's (the seed spread is 5-15%)
 
 
 @dataclass(frozen=True)
@@ -46,17 +47,22 @@ def is_rerun(trial: FrozenTrial) -> bool:
 
 
 def candidates(study: optuna.Study, k: int) -> list[FrozenTrial]:
-    """The ``k`` best complete trials with distinct params (re-runs left out)."""
+    """The ``k`` best complete trials with distinct params (re-runs left out) whose values lie
+    within ``MARGIN`` of the best one's: a config far behind cannot win on its mean. Empty when
+    only the best qualifies (re-running it alone would change nothing)."""
     done = [t for t in study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,))
             if not is_rerun(t) and math.isfinite(t.value)]
     sign = 1.0 if study.direction == optuna.study.StudyDirection.MINIMIZE else -1.0
     out: list[FrozenTrial] = []
     for t in sorted(done, key=lambda t: sign * t.value):
+        best = out[0].value if out else t.value
+        if sign * (t.value - best) > MARGIN * abs(best):
+            break
         if all(t.params != o.params for o in out):
             out.append(t)
         if len(out) == k:
             break
-    return out
+    return out if len(out) > 1 else []
 
 
 def enqueue_reruns(study: optuna.Study, k: int, seeds: int) -> int:

@@ -15,8 +15,9 @@ A trial is stopped at once, with its reason, when training becomes unstable:
 - ``skipped_steps``: more than ``max_skipped_steps`` steps in a row skipped by a ``GradScaler``
   (its scale keeps falling, so the gradients overflow in any precision).
 - ``plateaued``: the reported metric has not improved by ``plateau_tolerance`` (relative) over the
-  last ``plateau_epochs`` epochs and is worse than the best complete trial's at the same epoch by
-  that margin too: a dead net, or one stuck at chance, that the wrapped pruner would keep training.
+  last ``plateau_epochs`` epochs and is ``plateau_factor`` times worse than the best complete
+  trial's at the same epoch: a dead net, or one stuck at chance, that the wrapped pruner would
+  keep training (near the best, a flat stretch is only noise: the wrapped pruner judges those).
 - ``unpromising``: the wrapped Optuna pruner (MedianPruner by default) says so at an epoch's end.
 
 The step rules run in :class:`cliptune.monitor.TrialMonitor`; the epoch verdicts here.
@@ -52,10 +53,12 @@ class StabilityRules:
     warmup_steps: int = 10
     max_skipped_steps: int = 25
     plateau_epochs: int = 2
-    plateau_tolerance: float = 0.02
+    plateau_tolerance: float = 0.01
+    plateau_factor: float = 1.5
 
     def __post_init__(self) -> None:
-        for name in ("divergence_factor", "spike_z", "spike_min_rise", "plateau_tolerance"):
+        for name in ("divergence_factor", "spike_z", "spike_min_rise", "plateau_tolerance",
+                     "plateau_factor"):
             check_positive_float(getattr(self, name), name, "StabilityRules")
         for name in ("max_spikes", "window", "warmup_steps", "max_skipped_steps",
                      "plateau_epochs"):
@@ -76,15 +79,17 @@ def is_diverged(loss: float, reference: float, factor: float) -> bool:
 
 
 def is_plateau(values: Sequence[float], best_at_step: float | None, epochs: int,
-               tolerance: float) -> bool:
-    """True when ``values`` (a minimised metric, epoch by epoch) improved by less than
-    ``tolerance`` (relative) over the last ``epochs`` epochs and the last one is worse than
-    ``best_at_step`` (the best complete trial's at the same epoch) by that margin too."""
+               tolerance: float, factor: float) -> bool:
+    """True when ``values`` (a minimised metric, epoch by epoch, with its sign flipped for a
+    maximised one) improved by less than ``tolerance`` (relative) over the last ``epochs`` epochs
+    and the last one is ``factor`` times worse than ``best_at_step`` (the best complete trial's at
+    the same epoch)."""
     if len(values) <= epochs or best_at_step is None:
         return False
     last, before = values[-1], values[-1 - epochs]
     flat = last > before - tolerance * abs(before)
-    return flat and last > best_at_step + tolerance * abs(best_at_step)
+    far = last > best_at_step * factor if best_at_step > 0 else last > best_at_step / factor
+    return flat and far
 
 
 def robust_stats(history: Sequence[float]) -> tuple[float, float]:
@@ -158,7 +163,7 @@ class StabilityPruner(BasePruner):
             deepcopy=False, states=(optuna.trial.TrialState.COMPLETE,))
             if step in t.intermediate_values]
         return is_plateau(values, min(at_step, default=None), rules.plateau_epochs,  # type: ignore[union-attr]
-                          rules.plateau_tolerance)  # type: ignore[union-attr]
+                          rules.plateau_tolerance, rules.plateau_factor)  # type: ignore[union-attr]
 
 
 __all__ = ["PRUNE_REASONS", "StabilityPruner", "StabilityRules", "is_diverged", "is_nonfinite",
