@@ -22,6 +22,8 @@ _TUNE = """\
 n_trials is the study's total: running the same job again continues the same study (by default
 in sqlite:///mlruns/cliptune-optuna.db) up to it, so a stopped job is finished by rerunning it.
 Ctrl-C stops after the running trial is recorded; press it twice to abort that trial.
+A job whose search space, epochs, seed or other training settings changed since the study last ran
+is refused (start a new study with --study NAME, or continue this one with --continue-changed).
 
 examples:
   cliptune tune examples/adding_rnn.yaml
@@ -89,6 +91,9 @@ def _tune_options(parser: argparse.ArgumentParser) -> None:
 
     parser.add_argument("--workers", type=int, metavar="N",
                         help="worker processes on this machine (workers; default: 1)")
+    parser.add_argument("--continue-changed", action="store_true",
+                        help="continue the study although the job changed since it last ran "
+                             "(study.continue_changed); each version of the settings is recorded")
 
 
 def build_parser(commands: dict[str, Callable[[argparse.Namespace], int]]) -> argparse.ArgumentParser:

@@ -3,6 +3,8 @@
 - a study's storage and id (``study._storage``, ``study._study_id``): for a cheap trial count
   and for the liveness checks that Optuna's public API does not expose;
 - whether an RDB storage runs heartbeats (``optuna.storages._heartbeat``);
+- whether a parameter's new distribution can join a study's earlier trials
+  (``optuna.distributions.check_distribution_compatibility``, marked as not for users);
 - the random state of the TPE sampler and of its start-up random sampler (``_rng``), set per
   trial so that a continued or shared study keeps sampling new points (see :mod:`cliptune._study`).
 """
@@ -32,3 +34,13 @@ def reseed_tpe(sampler: optuna.samplers.TPESampler, seed: int) -> None:
     """Set the random state of a TPE sampler and of the random sampler it starts with."""
     sampler._rng.rng.seed(seed)
     sampler._random_sampler._rng.rng.seed(seed)
+
+
+def incompatibility(old: optuna.distributions.BaseDistribution,
+                    new: optuna.distributions.BaseDistribution) -> str | None:
+    """Why a study whose trials used ``old`` for a parameter cannot sample it from ``new``."""
+    try:
+        optuna.distributions.check_distribution_compatibility(old, new)
+    except ValueError as exc:
+        return str(exc)
+    return None

@@ -18,10 +18,13 @@ import yaml
 
 from cliptune import _cli_show as show
 from cliptune._errors import UsageError, unknown_name
+from cliptune._job_record import check_job, job_settings
 from cliptune.jobs import DEFAULT_STORAGE, Job, JobError, load_study, open_storage, storage_url
+from cliptune.plan import resolve_direction
 from cliptune.result import TuneResult
 from cliptune.runner import counts_toward_total
-from cliptune.space import shipped_spaces
+from cliptune.settings import by_name
+from cliptune.space import SearchSpace, shipped_spaces
 from cliptune.storage import mask_url
 
 EXIT_FAILED, EXIT_USAGE, EXIT_INTERRUPTED = 1, 2, 130
@@ -68,7 +71,8 @@ def _overrides(args: argparse.Namespace) -> dict[str, Any]:
     flags = {"n_trials": args.n_trials, "timeout": args.timeout, "seed": args.seed,
              "study.storage": args.storage, "study.name": args.study,
              "tracking.uri": args.tracking_uri, "tracking.experiment": args.experiment,
-             "tracking.enabled": False if args.no_tracking else None, "workers": args.workers}
+             "tracking.enabled": False if args.no_tracking else None, "workers": args.workers,
+             "study.continue_changed": True if args.continue_changed else None}
     out.update({key: value for key, value in flags.items() if value is not None})
     return out
 
@@ -87,6 +91,11 @@ def _finished(storage: Any, job: Job, url: str) -> TuneResult | None:
         study = optuna.load_study(study_name=job.study_name, storage=storage)
     except KeyError:
         return None
+    try:  # a changed job is refused here too: this study's result is not the job's
+        settings, space = _job_settings(job)
+        check_job(study, settings, space, job.get("continue_changed", False))
+    except ValueError as exc:
+        raise JobError(f"{job.source}: {exc}") from None
     trials = study.get_trials(deepcopy=False)
     total = job.get("n_trials", 20)
     if counts_toward_total(trials) < total or any(
@@ -96,6 +105,19 @@ def _finished(storage: Any, job: Job, url: str) -> TuneResult | None:
     log.info("study %r in %s already has its %d trials; nothing to run (raise --n-trials to "
              "run more).", job.study_name, mask_url(url), total)
     return TuneResult.from_study(study)
+
+
+def _job_settings(job: Job) -> tuple[dict[str, Any], SearchSpace]:
+    """The job's settings as its study records them (see :mod:`cliptune._job_record`), and its
+    search space."""
+    declared = by_name()
+
+    def value(name: str) -> Any:
+        return job.get(name, declared[name].default)
+
+    space = SearchSpace.resolve(value("search_space"))
+    direction = resolve_direction(value("metric"), value("direction"), job.source)
+    return job_settings(value, space, direction, built_in=not job.own_loop), space
 
 
 def cmd_tune(args: argparse.Namespace) -> int:

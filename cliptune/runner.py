@@ -21,6 +21,7 @@ from optuna.storages import RetryHeartbeatStaleTrialCallback
 from optuna.trial import FrozenTrial, TrialState
 
 from cliptune._errors import UsageError
+from cliptune._job_record import job_version
 from cliptune._optuna import n_trials_of, storage_of
 from cliptune._study import load_study, stability_pruner
 from cliptune.plan import Plan
@@ -105,8 +106,12 @@ class TrialRunner:
         return Trial(config, extras, number, seed, monitor, optuna_trial=trial)
 
     def _train(self, trial: optuna.Trial) -> float:
-        handle = self.make_trial(trial)
         number = trial.number
+        try:
+            handle = self.make_trial(trial)
+        except Exception as exc:  # sampling failed: a failed trial like any other
+            self._record_error(trial, exc)
+            raise
         try:
             self.plan.train(handle)
             value = handle.monitor.value()
@@ -118,10 +123,7 @@ class TrialRunner:
             self.tracker.trial_finished(number, "FAIL", error="KeyboardInterrupt: interrupted")
             raise
         except Exception as exc:
-            error = f"{type(exc).__name__}: {exc}"
-            self.errors.append(error)
-            trial.set_user_attr("error", error)
-            self.tracker.trial_finished(number, "FAIL", error=error)
+            self.tracker.trial_finished(number, "FAIL", error=self._record_error(trial, exc))
             if isinstance(exc, UsageError):  # every trial would fail the same way: stop
                 self.usage_error = exc
                 trial.study.stop()
@@ -130,6 +132,12 @@ class TrialRunner:
             trial.set_user_attr("history", handle.monitor.history)
         self.tracker.trial_finished(number, "COMPLETE", value=value)
         return value
+
+    def _record_error(self, trial: optuna.Trial, exc: Exception) -> str:
+        error = f"{type(exc).__name__}: {exc}"
+        self.errors.append(error)
+        trial.set_user_attr("error", error)
+        return error
 
     def _after_trial(self, study: optuna.Study, trial: FrozenTrial) -> None:
         if n_trials_of(study) < self.total:
@@ -196,7 +204,7 @@ def run_worker(plan: Plan, storage: Any, study_name: str) -> None:
                                     s.tracking.experiment, s.tracking.tracker)
     pruner = stability_pruner(s.search.pruner)
     study = load_study(plan, storage, study_name, pruner)
-    tracker.start(study, plan.job_params())
+    tracker.start(study, {**plan.job_params(), "job_version": job_version(study)})
     runner = TrialRunner(plan, pruner, tracker, s.study.heartbeat)
     try:
         runner.run(study, progress=False)

@@ -160,7 +160,7 @@ class MlflowTracker(Tracker):
         try:
             if self.client is None:
                 retry_schema_races(self._connect)
-            self.parent_id = self._shared_parent(study)
+            self.parent_id = self._shared_parent(study, str(job.get("job_version", 1)))
             if self.parent_id is None:  # the study's first worker opens the job's parent run
                 name = study.study_name  # an in-memory study's is Optuna's "no-name-<uuid>"
                 name = f"cliptune-{job.get('model')}" if name.startswith("no-name-") else name
@@ -211,8 +211,10 @@ class MlflowTracker(Tracker):
         self.experiment_id = (found.experiment_id if found is not None
                               else self.client.create_experiment(self.experiment))
 
-    def _shared_parent(self, study: optuna.Study) -> str | None:
-        """The parent run that another worker (or an earlier run of the job) opened, if usable here."""
+    def _shared_parent(self, study: optuna.Study, version: str) -> str | None:
+        """The job's parent run when it is still open: another worker's, or one that a stopped run
+        of the same job left RUNNING. A finished run of the job, or one with other settings (an
+        older version of the job), is not reused: each run of a job has its own best."""
         run_id = study.user_attrs.get(PARENT_ATTR)
         if run_id is None:
             return None
@@ -220,9 +222,13 @@ class MlflowTracker(Tracker):
             run = self.client.get_run(run_id)
         except Exception:  # tracked in another store before: open a new parent here
             return None
-        usable = (run.info.experiment_id == self.experiment_id
-                  and run.info.lifecycle_stage != "deleted")
-        return run_id if usable else None
+        if (run.info.experiment_id != self.experiment_id or run.info.lifecycle_stage == "deleted"
+                or run.info.status != "RUNNING"):
+            return None
+        if run.data.params.get("job_version", "1") != version:  # left open by the old settings
+            self.client.set_terminated(run_id, "KILLED")
+            return None
+        return run_id
 
     def _trial_started(self, trial: optuna.Trial, clip: ClipConfig, extras: dict[str, Any]) -> None:
         from mlflow.entities import Param
@@ -250,7 +256,9 @@ class MlflowTracker(Tracker):
                         reason: str | None, error: str | None) -> None:
         from mlflow.entities import Metric, RunTag
 
-        run = self._trials.pop(trial_number)
+        run = self._trials.pop(trial_number, None)
+        if run is None:  # its run was never created (the trial failed before it started)
+            return
         tags = {"cliptune.state": state, "cliptune.prune_reason": reason, "cliptune.error": error}
         metrics = run.pending
         if value is not None:

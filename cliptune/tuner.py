@@ -17,11 +17,12 @@ from typing import Any
 import optuna
 
 from cliptune import settings as _settings
+from cliptune._job_record import check_job, plan_settings, record_run
 from cliptune._optuna import storage_of
 from cliptune._study import open_study, record_job, stability_pruner
 from cliptune.parallel import run_workers, worker_plan
 from cliptune.plan import Plan, plan_loop, plan_tune
-from cliptune.probe import job_params, resolve_auto
+from cliptune.probe import PROBE_ATTR, job_params, resolve_auto
 from cliptune.result import TuneResult
 from cliptune.runner import TrialRunner
 from cliptune.settings import Settings
@@ -103,12 +104,21 @@ def run(plan: Plan) -> TuneResult:
     tracker.open()  # a store that cannot be written is an error before the study exists
     pruner = stability_pruner(s.search.pruner)
     study = open_study(plan, storage, pruner)
-    space, probe = resolve_auto(plan.space, study, plan.train, s.search.seed,
-                                s.search.probe_steps)
+    settings = plan_settings(plan)  # a changed job is refused before any work...
+    probed = PROBE_ATTR in study.user_attrs  # ...and before a probe: recorded ranges cost nothing
+    if probed:
+        space, probe = resolve_auto(plan.space, study, plan.train, s.search.seed,
+                                    s.search.probe_steps)
+    changes = check_job(study, settings, plan.space, s.study.continue_changed)
+    if not probed:
+        space, probe = resolve_auto(plan.space, study, plan.train, s.search.seed,
+                                    s.search.probe_steps)
     plan = plan.with_space(space)
     record_job(study, plan)
+    version = record_run(study, settings, changes)
     tracker.start(study, {**plan.job_params(), "sampler": type(study.sampler).__name__,
-                          "pruner": type(pruner.pruner).__name__, **job_params(probe)})
+                          "pruner": type(pruner.pruner).__name__, **job_params(probe),
+                          "job_version": version})
     heartbeat = s.study.heartbeat if s.study.storage is not None else None
     runner = TrialRunner(plan, pruner, tracker, heartbeat)
     progress = sys.stderr.isatty() if s.run.show_progress is None else s.run.show_progress
