@@ -12,7 +12,10 @@ Two processes opening a brand-new database at once race on creating its schema; 
 
 from __future__ import annotations
 
+import errno
+import logging
 import random
+import re
 import threading
 import time
 import warnings
@@ -28,9 +31,15 @@ from optuna.trial import TrialState
 
 from cliptune._optuna import has_native_heartbeat, storage_of
 
+log = logging.getLogger("cliptune")
+
 HEARTBEAT_ATTR = "cliptune.heartbeat"
 _SECRET_KEYS = ("password", "passwd", "pwd", "secret", "token", "api_key", "apikey")
+# In free text: scheme://user:PASSWORD@host (the password may hold '@'), and key=SECRET.
+_USERINFO = re.compile(r"([a-zA-Z][a-zA-Z0-9+.-]*://[^:/\s'\"@]*):(\S*?)@(?=[^@/\s'\"]*(?:[/\s'\"?]|$))")
+_SECRET_PAIR = re.compile(rf"\b({'|'.join(_SECRET_KEYS)})=[^&\s'\"]+", re.IGNORECASE)
 _RDB_SCHEMES = ("sqlite", "postgresql", "mysql")
+_DISK_ERRNOS = (errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.EIO)
 _OPEN_TRIES = 8
 T = TypeVar("T")
 
@@ -52,6 +61,47 @@ def mask_url(url: str) -> str:
     pairs = parse_qsl(parts.query, keep_blank_values=True)
     query = urlencode([(k, "***" if k.lower() in _SECRET_KEYS else v) for k, v in pairs], safe="*")
     return urlunsplit(parts._replace(netloc=netloc, query=query))
+
+
+def mask_text(text: str) -> str:
+    """``text`` (an error message, a log line) with the password of every URL in it masked.
+
+    Example:
+        >>> mask_text("API request to http://bob:pw@h:5000/api failed")
+        'API request to http://bob:***@h:5000/api failed'
+    """
+    return _SECRET_PAIR.sub(r"\1=***", _USERINFO.sub(r"\1:***@", text))
+
+
+def missing_driver(what: str, url: str, exc: BaseException) -> ValueError:
+    """The error for a database URL whose driver is not installed (Optuna storage, MLflow store)."""
+    name = getattr(exc, "name", None) or str(exc).rpartition(" ")[2].strip("'\"")
+    return ValueError(f"The {what} URL {mask_url(url)!r} needs a database driver that is not "
+                      f"installed ({name}; for PostgreSQL: pip install 'cliptune[postgres]', "
+                      "which brings psycopg 3 for postgresql:// and psycopg2 for "
+                      "postgresql+psycopg2://).")
+
+
+def storage_failure(exc: BaseException) -> str | None:
+    """Why the storage cannot be written, when ``exc`` (or what caused it) says so; else None.
+
+    A full disk, a read-only or lost file, a database that went away: the storage's own errors
+    (SQLAlchemy's ``OperationalError``, Optuna's ``StorageInternalError``, an ``OSError``), not a
+    trial's.
+    """
+    found: BaseException | None = None
+    seen: set[int] = set()
+    while exc is not None and id(exc) not in seen:
+        seen.add(id(exc))
+        if type(exc).__name__ in ("OperationalError", "StorageInternalError") or (
+                isinstance(exc, OSError) and exc.errno in _DISK_ERRNOS):
+            found = exc  # the deepest one says it best
+        exc = exc.__cause__ or exc.__context__
+    if found is None:
+        return None
+    reason = (found.strerror if isinstance(found, OSError) and found.strerror else
+              str(getattr(found, "orig", None) or found).strip().splitlines()[0])
+    return mask_text(reason[:300])
 
 
 def storage_label(storage: object) -> str:
@@ -133,7 +183,7 @@ def _open_rdb(url: str, heartbeat: Heartbeat | None) -> BaseStorage:
     kwargs: dict[str, Any] = {}
     if heartbeat is not None:
         kwargs = {"heartbeat_interval": heartbeat.interval, "grace_period": heartbeat.grace_period,
-                  "heartbeat_stale_trial_callback": _retry_callback()}
+                  "heartbeat_stale_trial_callback": retry_callback()}
 
     def create() -> BaseStorage:
         with quiet_experimental():
@@ -142,10 +192,7 @@ def _open_rdb(url: str, heartbeat: Heartbeat | None) -> BaseStorage:
     try:
         return retry_schema_races(create)
     except ImportError as exc:  # Optuna wraps a missing driver in an ImportError
-        raise ValueError(f"The storage URL {mask_url(url)!r} needs a database driver that is "
-                         "not installed (for PostgreSQL: pip install 'cliptune[postgres]', which "
-                         "brings psycopg 3 for postgresql:// and psycopg2 for "
-                         "postgresql+psycopg2://).") from exc
+        raise missing_driver("storage", url, exc.__cause__ or exc) from exc
     except Exception as exc:  # SQLAlchemy's errors, without importing it here
         reason = str(exc).strip().splitlines()[0][:300]
         raise ValueError(f"Cannot open the Optuna storage {mask_url(url)!r}: {reason}") from None
@@ -159,9 +206,24 @@ def quiet_experimental() -> Iterator[None]:
         yield
 
 
-def _retry_callback() -> RetryHeartbeatStaleTrialCallback:
+class _LoggedRetry(RetryHeartbeatStaleTrialCallback):
+    """Optuna's retry of a trial whose worker stopped beating, and a line that says so."""
+
+    def __call__(self, study: optuna.Study, trial: optuna.trial.FrozenTrial) -> None:
+        super().__call__(study, trial)
+        with quiet_experimental():
+            retry = next((t.number for t in reversed(study.get_trials(deepcopy=False))
+                          if self.retried_trial_number(t) == trial.number), None)
+        if retry is not None:
+            log.warning("trial %d was left RUNNING (its worker stopped, or it was interrupted): "
+                        "failed, and retried as trial %d with the same parameters", trial.number,
+                        retry)
+
+
+def retry_callback() -> RetryHeartbeatStaleTrialCallback:
+    """Fail-and-retry of a trial whose worker died (at most 3 retries of one trial)."""
     with quiet_experimental():
-        return RetryHeartbeatStaleTrialCallback(max_retry=3)
+        return _LoggedRetry(max_retry=3)
 
 
 def watches_liveness(storage: BaseStorage) -> bool:
@@ -179,7 +241,7 @@ def fail_stale_trials(study: optuna.Study, heartbeat: Heartbeat) -> None:
     if not isinstance(storage, optuna.storages.JournalStorage):
         return
     now = time.time()
-    retry = _retry_callback()
+    retry = retry_callback()
     for trial in study.get_trials(deepcopy=False, states=(TrialState.RUNNING,)):
         beat = trial.system_attrs.get(HEARTBEAT_ATTR, trial.datetime_start.timestamp()
                                       if trial.datetime_start else now)
