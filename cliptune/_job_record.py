@@ -15,6 +15,7 @@ from __future__ import annotations
 import json
 import logging
 import time
+from collections import Counter
 from collections.abc import Callable
 from typing import Any
 
@@ -103,6 +104,24 @@ def record_run(study: optuna.Study, settings: dict[str, Any], changes: list[str]
                     "its job, from trial %d on", study.study_name, "; ".join(changes), len(runs),
                     first)
     return len(runs)
+
+
+def log_resumed(study: optuna.Study, grace_period: int | None) -> None:
+    """Say what a rerun continues: the study's trials by state, and what happens to those a
+    stopped run left RUNNING (failed and retried once their heartbeat is stale)."""
+    states = Counter(t.state.name for t in study.get_trials(deepcopy=False))
+    if not states:
+        return
+    parts = [f"{states[s]} {s.lower()}" for s in ("COMPLETE", "PRUNED", "FAIL") if states[s]]
+    if states["WAITING"]:
+        parts.append(f"{states['WAITING']} waiting to run (again)")
+    running = ""
+    if states["RUNNING"]:
+        later = ("" if grace_period is None else
+                 f"; a trial whose worker stopped is failed and retried after {grace_period} s "
+                 "without a heartbeat")
+        running = f"; {states['RUNNING']} RUNNING (another worker's, or left by a stopped run{later})"
+    log.info("continuing study %r: %s%s", study.study_name, ", ".join(parts), running)
 
 
 def _recorded(study: optuna.Study) -> dict[str, Any] | None:
@@ -203,5 +222,5 @@ def _distribution(rng: ParamRange) -> Any:
     return FloatDistribution(rng.low, rng.high, log=rng.log, step=rng.step)  # type: ignore[arg-type]
 
 
-__all__ = ["RUNS_ATTR", "check_job", "job_settings", "job_version", "plan_settings",
-           "record_run"]
+__all__ = ["RUNS_ATTR", "check_job", "job_settings", "job_version", "log_resumed",
+           "plan_settings", "record_run"]

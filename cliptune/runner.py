@@ -20,7 +20,7 @@ import optuna
 from optuna.storages import RetryHeartbeatStaleTrialCallback
 from optuna.trial import FrozenTrial, TrialState
 
-from cliptune._errors import UsageError
+from cliptune._errors import StorageError, UsageError
 from cliptune._job_record import job_version
 from cliptune._optuna import n_trials_of, storage_of
 from cliptune._study import load_study, stability_pruner
@@ -32,6 +32,9 @@ from cliptune.storage import (
     beating,
     fail_stale_trials,
     quiet_experimental,
+    retry_callback,
+    storage_failure,
+    storage_label,
     watches_liveness,
 )
 from cliptune.tracking import Tracker, make_tracker
@@ -77,13 +80,17 @@ class TrialRunner:
         self.errors: list[str] = []
         self.usage_error: UsageError | None = None
         self.n_ran = 0
+        self.stop_requested: Callable[[], bool] = lambda: False  # a worker's parent says stop
         self._reached = False
+        self._current: int | None = None  # the trial this worker runs (or ran last)
+        self._interrupted: int | None = None
 
     def __call__(self, trial: optuna.Trial) -> float:
         if trial.number >= self.total and self._is_surplus(trial):  # fewer earlier trials: never
             trial.set_user_attr(SURPLUS_ATTR, True)
             raise SurplusTrial(f"trial {trial.number} is beyond the study's total of {self.total}")
         self.n_ran += 1
+        self._current = trial.number
         with beating(trial, self.heartbeat):
             return self._train(trial)
 
@@ -119,8 +126,11 @@ class TrialRunner:
             self.tracker.trial_finished(number, "PRUNED",
                                         reason=trial.user_attrs.get("prune_reason", "unpromising"))
             raise
-        except KeyboardInterrupt:  # Optuna records the trial FAIL; close its run the same way
-            self.tracker.trial_finished(number, "FAIL", error="KeyboardInterrupt: interrupted")
+        except KeyboardInterrupt as exc:  # Ctrl-C twice, or SIGTERM: Optuna records it FAIL
+            self._interrupted = number
+            error = f"{type(exc).__name__}: interrupted" + (f" ({exc})" if str(exc) else "")
+            trial.set_user_attr("error", error)
+            self.tracker.trial_finished(number, "FAIL", error=error)
             raise
         except Exception as exc:
             self.tracker.trial_finished(number, "FAIL", error=self._record_error(trial, exc))
@@ -149,44 +159,82 @@ class TrialRunner:
             study.stop()
 
     def run(self, study: optuna.Study, progress: bool, callbacks: Sequence[Callback] = ()) -> None:
-        """Run trials until the study's total is reached, the timeout passes or a callback stops."""
+        """Run trials until the study's total is reached, the timeout passes or a callback stops.
+
+        Raises:
+            KeyboardInterrupt: Interrupted (``Terminated`` for SIGTERM); the trial it aborted is
+                recorded FAIL and queued to run again (with its params) when the job runs again.
+            StorageError: The storage cannot be written (one clear line; nothing lost).
+        """
         timeout = self.plan.settings.search.timeout
         deadline = None if timeout is None else time.monotonic() + timeout
         bar = _progress_bar(study, self.total) if progress else None
         chain: list[Callback] = [self._after_trial, *callbacks]
+        chain.append(lambda s, t: s.stop() if self.stop_requested() else None)
         if bar is not None:
             chain.append(lambda s, t: _advance(bar, s, self.total))
-        told, waited_since = False, 0.0
         try:
-            while self.usage_error is None:
-                if self.heartbeat is not None:
-                    fail_stale_trials(study, self.heartbeat)
-                trials = study.get_trials(deepcopy=False)
-                if counts_toward_total(trials) < self.total or any(
-                        t.state is TrialState.WAITING for t in trials):
-                    left = None if deadline is None else deadline - time.monotonic()
-                    if left is not None and left <= 0:
-                        return
-                    self._reached = False
-                    study.optimize(self, timeout=left, catch=(Exception,), callbacks=chain)
-                    if not self._reached:  # the timeout, or a callback stopped the study
-                        return
-                    continue
-                running = sum(t.state is TrialState.RUNNING for t in trials)
-                if not running or not watches_liveness(storage_of(study)):
-                    return
-                if bar is not None:
-                    _advance(bar, study, self.total)
-                waited_since = waited_since or time.monotonic()
-                if not told and time.monotonic() - waited_since > _QUIET_WAIT_S:
-                    log.info("waiting for %d running trial(s) of other workers (a dead worker's "
-                             "trial is failed and retried after the heartbeat grace period)",
-                             running)
-                    told = True
-                time.sleep(1.0)
+            self._loop(study, deadline, chain, bar)
+        except KeyboardInterrupt:
+            self._retry_interrupted(study)
+            raise
+        except Exception as exc:
+            reason = storage_failure(exc)
+            if reason is None:
+                raise
+            raise self._storage_error(study, reason) from exc
         finally:
             if bar is not None:
                 bar.close()
+
+    def _loop(self, study: optuna.Study, deadline: float | None, chain: list[Callback],
+              bar: Any) -> None:
+        told, waited_since = False, 0.0
+        while self.usage_error is None and not self.stop_requested():
+            if self.heartbeat is not None:
+                fail_stale_trials(study, self.heartbeat)
+            trials = study.get_trials(deepcopy=False)
+            if counts_toward_total(trials) < self.total or any(
+                    t.state is TrialState.WAITING for t in trials):
+                left = None if deadline is None else deadline - time.monotonic()
+                if left is not None and left <= 0:
+                    return
+                self._reached = False
+                study.optimize(self, timeout=left, catch=(Exception,), callbacks=chain)
+                if not self._reached:  # the timeout, or a callback stopped the study
+                    return
+                continue
+            running = sum(t.state is TrialState.RUNNING for t in trials)
+            if not running or not watches_liveness(storage_of(study)):
+                return
+            if bar is not None:
+                _advance(bar, study, self.total)
+            waited_since = waited_since or time.monotonic()
+            if not told and time.monotonic() - waited_since > _QUIET_WAIT_S:
+                log.info("waiting for %d running trial(s) of other workers (a dead worker's "
+                         "trial is failed and retried after the heartbeat grace period)", running)
+                told = True
+            time.sleep(1.0)
+
+    def _retry_interrupted(self, study: optuna.Study) -> None:
+        """Queue the trial an interruption aborted to run again, as a dead worker's would be."""
+        number, self._interrupted = self._interrupted, None
+        if number is None:
+            return
+        trial = next((t for t in study.get_trials(deepcopy=False) if t.number == number), None)
+        if trial is not None and trial.state is TrialState.FAIL:
+            retry_callback()(study, trial)
+
+    def _storage_error(self, study: optuna.Study, reason: str) -> StorageError:
+        at = ""
+        if self._current is not None:  # close its MLflow run (if it is open) as the trial ended
+            self.tracker.trial_finished(self._current, "FAIL", error=f"StorageError: {reason}")
+            at = f" at trial {self._current}"
+        return StorageError(
+            f"The Optuna storage {storage_label(storage_of(study))} cannot be written ({reason}): "
+            f"the job stopped{at}. What it recorded before is kept (cliptune best reads it), and "
+            "a trial it could not record runs again when the job does: free some space (or "
+            "bring the database back), then run the job again.")
 
     def raise_if_failed(self) -> None:
         """A usage error stops the job; so does a job in which every trial failed."""
@@ -197,8 +245,10 @@ class TrialRunner:
                                f"{self.errors[0]}")
 
 
-def run_worker(plan: Plan, storage: Any, study_name: str) -> None:
-    """One more worker process on a study its parent created: run trials to the total."""
+def run_worker(plan: Plan, storage: Any, study_name: str,
+               stop_requested: Callable[[], bool] | None = None) -> None:
+    """One more worker process on a study its parent created: run trials to the total, or until
+    ``stop_requested()`` (then the running trial finishes first)."""
     s = plan.settings
     tracker: Tracker = make_tracker(s.tracking.tracking, s.tracking.tracking_uri,
                                     s.tracking.experiment, s.tracking.tracker)
@@ -206,11 +256,25 @@ def run_worker(plan: Plan, storage: Any, study_name: str) -> None:
     study = load_study(plan, storage, study_name, pruner)
     tracker.start(study, {**plan.job_params(), "job_version": job_version(study)})
     runner = TrialRunner(plan, pruner, tracker, s.study.heartbeat)
+    runner.stop_requested = stop_requested or runner.stop_requested
     try:
         runner.run(study, progress=False)
     finally:
-        tracker.finish(TuneResult.from_study(study))
+        finish_tracking(tracker, study)
     runner.raise_if_failed()
+
+
+def finish_tracking(tracker: Tracker, study: optuna.Study) -> None:
+    """Close the job's tracking with the best so far, unless the storage cannot even be read
+    (then the next run of the study closes its runs)."""
+    try:
+        result = TuneResult.from_study(study)
+    except Exception as exc:
+        if storage_failure(exc) is None:
+            raise
+        log.warning("the study cannot be read to close its MLflow runs (%s)", storage_failure(exc))
+        return
+    tracker.finish(result)
 
 
 def _progress_bar(study: optuna.Study, total: int) -> Any:

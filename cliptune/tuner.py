@@ -17,14 +17,14 @@ from typing import Any
 import optuna
 
 from cliptune import settings as _settings
-from cliptune._job_record import check_job, plan_settings, record_run
+from cliptune._job_record import check_job, log_resumed, plan_settings, record_run
 from cliptune._optuna import storage_of
 from cliptune._study import open_study, record_job, stability_pruner
 from cliptune.parallel import run_workers, worker_plan
 from cliptune.plan import Plan, plan_loop, plan_tune
 from cliptune.probe import PROBE_ATTR, job_params, resolve_auto
 from cliptune.result import TuneResult
-from cliptune.runner import TrialRunner
+from cliptune.runner import TrialRunner, finish_tracking
 from cliptune.settings import Settings
 from cliptune.storage import open_storage
 from cliptune.tracking import make_tracker
@@ -110,6 +110,7 @@ def run(plan: Plan) -> TuneResult:
         space, probe = resolve_auto(plan.space, study, plan.train, s.search.seed,
                                     s.search.probe_steps)
     changes = check_job(study, settings, plan.space, s.study.continue_changed)
+    log_resumed(study, None if s.study.heartbeat is None else s.study.heartbeat.grace_period)
     if not probed:
         space, probe = resolve_auto(plan.space, study, plan.train, s.search.seed,
                                     s.search.probe_steps)
@@ -134,7 +135,7 @@ def run(plan: Plan) -> TuneResult:
 
             model = refit_best(study, plan, pruner.rules, tracker)
     finally:  # interrupted too: the parent run gets the best so far and is closed
-        tracker.finish(TuneResult.from_study(study))
+        finish_tracking(tracker, study)
     runner.raise_if_failed()
     result = TuneResult.from_study(study)
     result.model = model

@@ -92,11 +92,18 @@ def marker(folder: Path, name: str) -> int | None:
 
 
 def alive(pid: int) -> bool:
+    """Whether a process runs (a zombie, dead but not yet reaped, does not)."""
     try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
+        with open(f"/proc/{pid}/stat") as stat:
+            return stat.read().rpartition(")")[2].split()[0] != "Z"
+    except FileNotFoundError:
         return False
-    return True
+    except OSError:  # no /proc: ask the kernel
+        try:
+            os.kill(pid, 0)
+        except ProcessLookupError:
+            return False
+        return True
 
 
 def default_storage(folder: Path) -> str:
@@ -155,3 +162,24 @@ class MlflowServer:
                 break
         self.proc.wait(timeout=30)
         self._log.close()
+
+
+def mlflow_runs(folder: Path) -> tuple[list[Any], dict[int, Any]]:
+    """The parent runs, and the nested run of each trial, in the folder's default MLflow store."""
+    import mlflow
+
+    client = mlflow.MlflowClient(f"sqlite:///{folder / 'mlflow.db'}")
+    runs = client.search_runs([client.get_experiment_by_name("cliptune").experiment_id],
+                              max_results=1000)
+    parents = [r for r in runs if "mlflow.parentRunId" not in r.data.tags]
+    return parents, {int(r.data.tags["optuna.trial_number"]): r for r in runs
+                     if "mlflow.parentRunId" in r.data.tags}
+
+
+def retry_of(trial: optuna.trial.FrozenTrial) -> int | None:
+    """The number of the trial that ``trial`` runs again, if it is a retry."""
+    import warnings
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
+        return optuna.storages.RetryHeartbeatStaleTrialCallback.retried_trial_number(trial)
