@@ -24,7 +24,7 @@ from cliptune.result import TuneResult
 from cliptune.runner import counts_toward_total
 from cliptune.settings import by_name
 from cliptune.space import SearchSpace
-from cliptune.storage import mask_url
+from cliptune.storage import mask_url, storage_failure
 
 EXIT_FAILED, EXIT_USAGE, EXIT_INTERRUPTED, EXIT_TERMINATED = 1, 2, 130, 143
 log = logging.getLogger("cliptune")
@@ -171,6 +171,13 @@ def _tune(args: argparse.Namespace, stopper: StopOnSignals) -> int:
     except (ValueError, TypeError) as exc:
         show.error(args.command, f"{job.source}: {exc}")
         return EXIT_USAGE
+    except Exception as exc:  # the storage failed before or after the trials
+        if storage_failure(exc) is None:
+            raise
+        show.error(args.command, f"The Optuna storage {mask_url(url)} cannot be written "
+                                 f"({storage_failure(exc)}): the job stopped. Free some space "
+                                 "(or bring the database back), then run the job again.")
+        return EXIT_FAILED
     if stopper.requested:
         print(f"Interrupted; the best so far in study {job.study_name!r}:", file=sys.stderr)
     _summary(result)

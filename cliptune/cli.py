@@ -9,8 +9,10 @@ from __future__ import annotations
 import argparse
 import logging
 import os
+import re
 import sys
 import threading
+import warnings
 from pathlib import Path
 from typing import Any
 
@@ -97,13 +99,35 @@ def _configure_logging() -> None:
         logger.setLevel(logging.INFO)
         logger.propagate = False
     optuna.logging.set_verbosity(optuna.logging.WARNING)
-    # A store that fails is reported once, by the job: not again with a traceback by MLflow's
-    # logger or by a background thread (Optuna's heartbeat) that found it failing too.
+    warnings.showwarning = _warning_line
+    # A store that fails is reported once, by the job: not again, with a traceback, by Optuna (a
+    # trial it could not record), MLflow's logger or a thread (Optuna's heartbeat) that saw it.
+    for handler in logging.getLogger("optuna").handlers:
+        handler.addFilter(_QuietStorageFailures())
     logging.getLogger("mlflow.store.db.utils").setLevel(logging.CRITICAL)
-    threading.excepthook = _quiet_storage_failures(threading.excepthook)
+    threading.excepthook = _quiet_thread_failures(threading.excepthook)
 
 
-def _quiet_storage_failures(previous: Any) -> Any:
+def _warning_line(message: Any, category: type, *args: Any, **kwargs: Any) -> None:
+    log.warning("%s: %s", category.__name__, message)
+
+
+class _QuietStorageFailures(logging.Filter):
+    """Drops Optuna's lines about a trial whose storage failed (the job says it once)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self._trials: set[str] = set()
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        trial = re.match(r"Trial (\d+) failed", record.getMessage())
+        failure = record.exc_info[1] if record.exc_info else None
+        if trial and failure is not None and storage_failure(failure) is not None:
+            self._trials.add(trial.group(1))
+        return not (trial and trial.group(1) in self._trials)
+
+
+def _quiet_thread_failures(previous: Any) -> Any:
     def hook(args: Any) -> None:
         if args.exc_value is not None and storage_failure(args.exc_value) is not None:
             log.debug("%s: %s", args.thread.name if args.thread else "a thread", args.exc_value)

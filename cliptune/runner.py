@@ -21,20 +21,19 @@ from optuna.storages import RetryHeartbeatStaleTrialCallback
 from optuna.trial import FrozenTrial, TrialState
 
 from cliptune._errors import StorageError, UsageError
+from cliptune._faults import finish_tracking, retry_interrupted, storage_error
 from cliptune._job_record import job_version
 from cliptune._optuna import n_trials_of, storage_of
 from cliptune._study import load_study, stability_pruner
 from cliptune.plan import Plan
-from cliptune.result import SURPLUS_ATTR, TuneResult
+from cliptune.result import SURPLUS_ATTR
 from cliptune.stability import StabilityPruner, TrialMonitor
 from cliptune.storage import (
     Heartbeat,
     beating,
     fail_stale_trials,
     quiet_experimental,
-    retry_callback,
     storage_failure,
-    storage_label,
     watches_liveness,
 )
 from cliptune.tracking import Tracker, make_tracker
@@ -84,6 +83,7 @@ class TrialRunner:
         self._reached = False
         self._current: int | None = None  # the trial this worker runs (or ran last)
         self._interrupted: int | None = None
+        self._storage_failed: Exception | None = None
 
     def __call__(self, trial: optuna.Trial) -> float:
         if trial.number >= self.total and self._is_surplus(trial):  # fewer earlier trials: never
@@ -91,8 +91,14 @@ class TrialRunner:
             raise SurplusTrial(f"trial {trial.number} is beyond the study's total of {self.total}")
         self.n_ran += 1
         self._current = trial.number
-        with beating(trial, self.heartbeat):
-            return self._train(trial)
+        try:
+            with beating(trial, self.heartbeat):
+                return self._train(trial)
+        except Exception as exc:
+            if storage_failure(exc) is not None:  # every next trial would fail the same way
+                self._storage_failed = exc
+                trial.study.stop()
+            raise
 
     def _is_surplus(self, trial: optuna.Trial) -> bool:
         trials = trial.study.get_trials(deepcopy=False)
@@ -175,6 +181,8 @@ class TrialRunner:
             chain.append(lambda s, t: _advance(bar, s, self.total))
         try:
             self._loop(study, deadline, chain, bar)
+            if self._storage_failed is not None:  # it stopped the study
+                raise self._storage_failed
         except KeyboardInterrupt:
             self._retry_interrupted(study)
             raise
@@ -217,24 +225,14 @@ class TrialRunner:
             time.sleep(1.0)
 
     def _retry_interrupted(self, study: optuna.Study) -> None:
-        """Queue the trial an interruption aborted to run again, as a dead worker's would be."""
         number, self._interrupted = self._interrupted, None
-        if number is None:
-            return
-        trial = next((t for t in study.get_trials(deepcopy=False) if t.number == number), None)
-        if trial is not None and trial.state is TrialState.FAIL:
-            retry_callback()(study, trial)
+        if number is not None:
+            retry_interrupted(study, number)
 
     def _storage_error(self, study: optuna.Study, reason: str) -> StorageError:
-        at = ""
         if self._current is not None:  # close its MLflow run (if it is open) as the trial ended
             self.tracker.trial_finished(self._current, "FAIL", error=f"StorageError: {reason}")
-            at = f" at trial {self._current}"
-        return StorageError(
-            f"The Optuna storage {storage_label(storage_of(study))} cannot be written ({reason}): "
-            f"the job stopped{at}. What it recorded before is kept (cliptune best reads it), and "
-            "a trial it could not record runs again when the job does: free some space (or "
-            "bring the database back), then run the job again.")
+        return storage_error(study, reason, self._current)
 
     def raise_if_failed(self) -> None:
         """A usage error stops the job; so does a job in which every trial failed."""
@@ -262,19 +260,6 @@ def run_worker(plan: Plan, storage: Any, study_name: str,
     finally:
         finish_tracking(tracker, study)
     runner.raise_if_failed()
-
-
-def finish_tracking(tracker: Tracker, study: optuna.Study) -> None:
-    """Close the job's tracking with the best so far, unless the storage cannot even be read
-    (then the next run of the study closes its runs)."""
-    try:
-        result = TuneResult.from_study(study)
-    except Exception as exc:
-        if storage_failure(exc) is None:
-            raise
-        log.warning("the study cannot be read to close its MLflow runs (%s)", storage_failure(exc))
-        return
-    tracker.finish(result)
 
 
 def _progress_bar(study: optuna.Study, total: int) -> Any:

@@ -266,7 +266,11 @@ def beating(trial: optuna.Trial, heartbeat: Heartbeat | None) -> Iterator[None]:
 
     def beat() -> None:
         while True:
-            storage.set_trial_system_attr(trial._trial_id, HEARTBEAT_ATTR, time.time())
+            try:
+                storage.set_trial_system_attr(trial._trial_id, HEARTBEAT_ATTR, time.time())
+            except Exception as exc:  # the trial's own next write will say it
+                log.debug("trial %d: heartbeat failed (%s)", trial.number, mask_text(str(exc)))
+                return
             if stop.wait(heartbeat.interval):
                 return
 

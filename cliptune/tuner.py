@@ -17,6 +17,7 @@ from typing import Any
 import optuna
 
 from cliptune import settings as _settings
+from cliptune._faults import finish_tracking
 from cliptune._job_record import check_job, log_resumed, plan_settings, record_run
 from cliptune._optuna import storage_of
 from cliptune._study import open_study, record_job, stability_pruner
@@ -24,7 +25,7 @@ from cliptune.parallel import run_workers, worker_plan
 from cliptune.plan import Plan, plan_loop, plan_tune
 from cliptune.probe import PROBE_ATTR, job_params, resolve_auto
 from cliptune.result import TuneResult
-from cliptune.runner import TrialRunner, finish_tracking
+from cliptune.runner import TrialRunner
 from cliptune.settings import Settings
 from cliptune.storage import open_storage
 from cliptune.tracking import make_tracker

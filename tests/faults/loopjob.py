@@ -5,6 +5,8 @@
   the file ``release`` exists, so that a test can signal a process in the middle of a trial.
 - ``FX_BARRIER``: N: the first trial of each process waits until N processes have started one.
 - ``FX_EPOCHS``: epochs each trial reports (default 2).
+- ``FX_FILL``: ``N:PATH``: trial N fills the disk of PATH (writes PATH until the disk is full), as
+  another process could, then reports as usual.
 
 A trial is worth ``1 / (number + 1)`` (plus a little for its threshold): every new trial is the
 best so far, so the best of a study changes whenever it runs more trials.
@@ -38,8 +40,26 @@ def train(trial: Any) -> None:
     if block == "all" or str(trial.number) in block.split(","):
         (folder / f"blocked-{trial.number}").write_text(str(os.getpid()))
         _wait_until((folder / "release").exists)
+    fill = os.environ.get("FX_FILL", "")
+    if fill and int(fill.partition(":")[0]) == trial.number:
+        _fill(Path(fill.partition(":")[2]))
     threshold = trial.config.threshold or 1.0
     value = 1.0 / (trial.number + 1) + 1e-3 * abs(math.log(threshold))
     for epoch in range(int(os.environ.get("FX_EPOCHS", "2"))):
         trial.step(1.0, threshold)
         trial.report(epoch, val_loss=value + 1e-3 / (epoch + 1))
+
+
+def _fill(path: Path) -> None:
+    chunk = b"\0" * 65536
+    with open(path, "wb", buffering=0) as handle:
+        try:
+            while True:
+                handle.write(chunk)
+        except OSError:  # ENOSPC: the disk is full
+            pass
+        try:
+            while True:  # the last bytes too
+                handle.write(b"\0")
+        except OSError:
+            pass
