@@ -5,7 +5,7 @@
   period and retried by Optuna's ``RetryHeartbeatStaleTrialCallback``.
 - ``journal:PATH``: Optuna's JournalStorage on a file. It has no heartbeat of its own, so cliptune
   stamps running trials (system attribute ``cliptune.heartbeat``) and fails and retries stale ones
-  with the same callback.
+  with the same callback. A record a crash cut off is repaired first (:mod:`cliptune._journal`).
 
 Two processes opening a brand-new database at once race on creating its schema; opening retries.
 """
@@ -167,10 +167,10 @@ def open_storage(storage: str | BaseStorage | None, heartbeat: Heartbeat | None 
         path = storage[len("journal:"):]
         if not path:
             raise ValueError("A journal storage needs a file path: 'journal:PATH'. Got 'journal:'.")
-        from optuna.storages.journal import JournalFileBackend
+        from cliptune._journal import open_journal
 
         try:
-            return optuna.storages.JournalStorage(JournalFileBackend(path))
+            return open_journal(path)  # what a crash mid-write left is repaired first
         except OSError as exc:
             raise ValueError(f"Cannot open the journal storage {path!r}: {exc.strerror}.") from None
     if _scheme(storage) not in _RDB_SCHEMES or "://" not in storage:
