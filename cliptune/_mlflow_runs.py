@@ -12,6 +12,7 @@ import logging
 import shutil
 import tempfile
 import time
+import uuid
 from collections.abc import Callable
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -25,6 +26,7 @@ if TYPE_CHECKING:
 log = logging.getLogger("cliptune")
 
 PARENT_ATTR = "cliptune.mlflow_parent_run_id"  # study user attribute: the job's parent run
+RUN_KEY = "cliptune.run_key"  # a trial run's own tag: it is created once, whatever the retries
 # A pruned trial's run ends KILLED (stopped early), so the runs table tells it from a complete one.
 END_STATUS = {"COMPLETE": "FINISHED", "PRUNED": "KILLED", "FAIL": "FAILED"}
 MAX_PARAM, MAX_TAG = 6000, 8000  # MLflow's value length limits
@@ -57,8 +59,10 @@ class TrialRun:
 
         self.run_id = ""  # set by the create call
         self.number, self._experiment = trial.number, experiment_id
+        self._key, self._tries = uuid.uuid4().hex, 0  # a create that timed out may have happened
         self._tags = {"mlflow.parentRunId": parent_id, "cliptune.study": trial.study.study_name,
-                      "optuna.trial_number": str(trial.number), "cliptune.state": "RUNNING"}
+                      "optuna.trial_number": str(trial.number), "cliptune.state": "RUNNING",
+                      RUN_KEY: self._key}
         threshold = "" if clip.threshold is None else f"={clip.threshold:.4g}"
         self._name = f"trial-{trial.number} {clip.mode.value}{threshold}"  # the clip shows at once
         params = {"clip_mode": clip.mode.value, "clip_threshold": clip.threshold, **extras}
@@ -67,6 +71,14 @@ class TrialRun:
         self.sent_at = time.monotonic()
 
     def create(self, client: Any) -> None:
+        """Create the run; tried again, first look for the one an unanswered try made."""
+        self._tries += 1
+        if self._tries > 1:
+            found = client.search_runs([self._experiment], max_results=1, order_by=[
+                "attributes.start_time ASC"], filter_string=f"tags.`{RUN_KEY}` = '{self._key}'")
+            if found:
+                self.run_id = found[0].info.run_id
+                return
         self.run_id = client.create_run(self._experiment, tags=self._tags,
                                         run_name=self._name).info.run_id
 
@@ -180,6 +192,9 @@ def close_orphans(client: Any, experiment_id: str, study_name: str, states: dict
         state = None if number is None else states.get(int(number))
         if state not in END_STATUS:
             continue  # a parent run, or a trial that is not over
+        if _is_duplicate(client, experiment_id, run):
+            client.delete_run(run.info.run_id)
+            continue
         tags = [RunTag("cliptune.state", state)]
         if state == "FAIL":  # a live worker that closes it after all says its own error
             tags.append(RunTag("cliptune.error", "its worker stopped before closing this run "
@@ -191,6 +206,17 @@ def close_orphans(client: Any, experiment_id: str, study_name: str, states: dict
         log.info("closed the MLflow runs that stopped workers left RUNNING, of trials %s",
                  ", ".join(map(str, sorted(closed))))
     return sorted(closed)
+
+
+def _is_duplicate(client: Any, experiment_id: str, run: Any) -> bool:
+    """Whether ``run`` is a second run of its trial: a create the store did after its client
+    gave up on it (a server that resumed after an outage), the trial's own run made since."""
+    key = run.data.tags.get(RUN_KEY)
+    if key is None:
+        return False
+    twins = client.search_runs([experiment_id], max_results=10,
+                               filter_string=f"tags.`{RUN_KEY}` = '{key}'")
+    return any(t.info.run_id != run.info.run_id and t.info.status != "RUNNING" for t in twins)
 
 
 __all__ = ["END_STATUS", "MAX_PARAM", "MAX_TAG", "PARENT_ATTR", "TrialRun", "close_orphans",

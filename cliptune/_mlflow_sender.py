@@ -4,20 +4,25 @@ The tracker hands each call (a function of the ``MlflowClient``) to a :class:`Se
 one thread makes the calls in the order given. A store that does not answer (a server down or
 overloaded, a sqlite store locked by another process) is tried again after growing pauses, so an
 outage costs no training time and loses no record: what piled up is sent when the store answers
-again. Any other failure (the experiment deleted, a full disk, a refused login) stops the sending,
-and the tracker says so. On a sqlite store every call holds the store's file lock, so the workers
-of one machine write one at a time. :meth:`Sender.close` waits a bounded time for what is left.
+again (the sender says when it stops and starts answering). Any other failure (the experiment
+deleted, a full disk, a refused login) stops the sending, and the tracker says so. On a sqlite
+store every call holds the store's file lock, so the workers of one machine write one at a time.
+:meth:`Sender.close` waits a bounded time for what is left.
 """
 
 from __future__ import annotations
 
+import logging
 import threading
 import time
 from collections import deque
 from collections.abc import Callable
 from typing import Any
 
-from cliptune._mlflow_store import sqlite_lock
+from cliptune._mlflow_store import describe, sqlite_lock
+from cliptune.storage import mask_url
+
+log = logging.getLogger("cliptune")
 
 Call = Callable[[Any], None]
 _PAUSES = (0.25, 0.5, 1.0, 2.0, 5.0)  # between tries of a call the store did not answer
@@ -105,7 +110,11 @@ class Sender:
                         self._queue.clear()
                     return False
                 self.last_error = exc
-                self.down_since = self.down_since or time.monotonic()
+                if self.down_since is None:
+                    self.down_since = time.monotonic()
+                    log.warning("MLflow at %s does not answer (%s); the tuning goes on, and its "
+                                "tracking records are kept and sent when the store answers "
+                                "again", mask_url(self._uri), describe(self._uri, exc))
                 pause = _PAUSES[min(attempt, len(_PAUSES) - 1)]
                 attempt += 1
                 with self._wake:
@@ -113,7 +122,10 @@ class Sender:
                         return False  # closing, and the store still does not answer
                     self._wake.wait(pause)
                 continue
-            self.down_since = None
+            if self.down_since is not None:
+                self.down_since = None
+                log.info("MLflow at %s answers again; the tracking records kept meanwhile are "
+                         "being sent (%d)", mask_url(self._uri), self.pending)
             return True
 
 

@@ -136,7 +136,6 @@ class MlflowTracker(Tracker):
         self.broken = False
         self._trials: dict[int, runs.TrialRun] = {}
         self._sender: Sender | None = None
-        self._told_down = False
 
     def __getstate__(self) -> dict[str, Any]:  # a worker process gets a fresh, unstarted tracker
         return {k: self.__dict__[k] for k in ("_uri_arg", "experiment", "flush_every_s",
@@ -262,21 +261,8 @@ class MlflowTracker(Tracker):
         return not self.broken
 
     def _report(self) -> None:
-        sender = self._sender
-        if sender is None or self.broken:
-            return
-        if sender.failure is not None:
-            self._stop(sender.failure)
-        elif sender.down_since is not None and not self._told_down:
-            self._told_down = True
-            log.warning("MLflow at %s does not answer (%s); the tuning goes on, and its tracking "
-                        "records are kept and sent when the store answers again",
-                        mask_url(self.tracking_uri),
-                        describe(self.tracking_uri, sender.last_error or Exception()))
-        elif sender.down_since is None and self._told_down:
-            self._told_down = False
-            log.info("MLflow at %s answers again; the tracking records kept meanwhile are sent",
-                     mask_url(self.tracking_uri))
+        if self._sender is not None and self._sender.failure is not None and not self.broken:
+            self._stop(self._sender.failure)
 
     def _stop(self, exc: BaseException) -> None:
         """A failure that is not an outage: warn once and track no more; the study goes on."""
