@@ -33,6 +33,7 @@ from cliptune.settings import Run
 
 log = logging.getLogger("cliptune")
 _STOP_GRACE_S = 30.0  # how long an aborted worker may take to record its trial before SIGKILL
+_LOGGERS = ("cliptune", "optuna", "mlflow.store.db.utils")  # workers log at their parent's levels
 
 
 def worker_plan(plan: Plan) -> Plan:
@@ -67,10 +68,29 @@ def _die_with_parent(parent: int) -> None:
         os.kill(os.getpid(), signal.SIGTERM)
 
 
+def _parent_logging() -> dict[str, Any]:
+    """What a worker needs to log as this process does: levels, and how cliptune's lines look."""
+    levels = {name: logging.getLogger(name).level for name in _LOGGERS}
+    formats = [h.formatter for h in log.handlers
+               if isinstance(h, logging.StreamHandler) and h.stream is sys.stderr]
+    return {"levels": levels, "format": formats[0] if formats else None}
+
+
+def _log_as_parent(config: dict[str, Any]) -> None:
+    for name, level in config["levels"].items():
+        logging.getLogger(name).setLevel(level)
+    if config["format"] is not None:
+        handler = logging.StreamHandler(sys.stderr)
+        handler.setFormatter(config["format"])
+        log.addHandler(handler)
+        log.propagate = False
+
+
 def _worker(pickled_plan: bytes, storage: Any, study_name: str, threads: int, stop: Any,
-            errors: Any, parent: int) -> None:
+            errors: Any, parent: int, logging_config: dict[str, Any]) -> None:
     signal.signal(signal.SIGTERM, _raise_terminated)
     _die_with_parent(parent)
+    _log_as_parent(logging_config)
     for name in ("OMP_NUM_THREADS", "MKL_NUM_THREADS"):  # before the plan imports a framework
         os.environ.setdefault(name, str(threads))
     from cliptune.runner import run_worker
@@ -96,7 +116,8 @@ def run_workers(plan: Plan, storage: Any, study_name: str, run_here: Callable[[]
     threads = max(1, (os.cpu_count() or 1) // n_jobs)
     ctx = mp.get_context("spawn")
     stop, errors = ctx.Event(), ctx.SimpleQueue()
-    args = (pickle.dumps(plan), storage, study_name, threads, stop, errors, os.getpid())
+    args = (pickle.dumps(plan), storage, study_name, threads, stop, errors, os.getpid(),
+            _parent_logging())
     procs = [ctx.Process(target=_worker, args=args, name=f"cliptune-worker-{i}", daemon=True)
              for i in range(1, n_jobs)]
     with _sigint_ignored():  # inherited: the workers ignore a terminal's Ctrl-C from the start
