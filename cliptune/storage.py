@@ -12,8 +12,8 @@ Two processes opening a brand-new database at once race on creating its schema; 
 
 from __future__ import annotations
 
-import errno
 import logging
+import os
 import random
 import re
 import threading
@@ -39,7 +39,8 @@ _SECRET_KEYS = ("password", "passwd", "pwd", "secret", "token", "api_key", "apik
 _USERINFO = re.compile(r"([a-zA-Z][a-zA-Z0-9+.-]*://[^:/\s'\"@]*):(\S*?)@(?=[^@/\s'\"]*(?:[/\s'\"?]|$))")
 _SECRET_PAIR = re.compile(rf"\b({'|'.join(_SECRET_KEYS)})=[^&\s'\"]+", re.IGNORECASE)
 _RDB_SCHEMES = ("sqlite", "postgresql", "mysql")
-_DISK_ERRNOS = (errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.EIO)
+_DB_ERRORS = ("OperationalError", "DatabaseError", "InterfaceError", "StorageInternalError")
+_STORAGE_CODE = os.path.join("optuna", "storages", "")  # where a storage failure comes from
 _OPEN_TRIES = 8
 T = TypeVar("T")
 
@@ -83,25 +84,33 @@ def missing_driver(what: str, url: str, exc: BaseException) -> ValueError:
 
 
 def storage_failure(exc: BaseException) -> str | None:
-    """Why the storage cannot be written, when ``exc`` (or what caused it) says so; else None.
+    """Why the study's storage cannot be written, when ``exc`` says so; else None.
 
-    A full disk, a read-only or lost file, a database that went away: the storage's own errors
-    (SQLAlchemy's ``OperationalError``, Optuna's ``StorageInternalError``, an ``OSError``), not a
-    trial's.
+    A full disk, a read-only or lost file, a database that went away: an ``OSError``, a database
+    error or Optuna's ``StorageInternalError`` that came out of Optuna's storage code (so that a
+    train function's own database error is a failed trial, not a failed storage).
     """
-    found: BaseException | None = None
-    seen: set[int] = set()
-    while exc is not None and id(exc) not in seen:
-        seen.add(id(exc))
-        if type(exc).__name__ in ("OperationalError", "StorageInternalError") or (
-                isinstance(exc, OSError) and exc.errno in _DISK_ERRNOS):
-            found = exc  # the deepest one says it best
+    chain: list[BaseException] = []
+    while exc is not None and exc not in chain:
+        chain.append(exc)
         exc = exc.__cause__ or exc.__context__
-    if found is None:
+    found = [e for e in chain if type(e).__name__ in _DB_ERRORS
+             or (isinstance(e, OSError) and e.errno is not None)]
+    if not found or not any(_raised_in_storage(e) for e in chain):
         return None
-    reason = (found.strerror if isinstance(found, OSError) and found.strerror else
-              str(getattr(found, "orig", None) or found).strip().splitlines()[0])
+    deepest = found[-1]  # says it best
+    reason = (deepest.strerror if isinstance(deepest, OSError) and deepest.strerror else
+              str(getattr(deepest, "orig", None) or deepest).strip().splitlines()[0])
     return mask_text(reason[:300])
+
+
+def _raised_in_storage(exc: BaseException) -> bool:
+    tb = exc.__traceback__
+    while tb is not None:
+        if _STORAGE_CODE in tb.tb_frame.f_code.co_filename:
+            return True
+        tb = tb.tb_next
+    return False
 
 
 def storage_label(storage: object) -> str:

@@ -233,7 +233,9 @@ class MlflowTracker(Tracker):
             shutil.rmtree(folder, ignore_errors=True)
         self._report()
         if left or self._sender.dropped:
-            why = describe(self.tracking_uri, self._sender.last_error or TimeoutError("slow"))
+            error = self._sender.last_error
+            why = ("MLflow's client was still trying its call" if error is None else
+                   describe(self.tracking_uri, error))
             log.warning("MLflow at %s: %d tracking call(s) of this job were not sent in the %.0f s "
                         "its end waits (%s), so its parent run is left RUNNING there; the next "
                         "run of the study closes it. The Optuna study has every result.",

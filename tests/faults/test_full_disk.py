@@ -8,6 +8,7 @@ otherwise), which trial 3 fills as another process could: every write after it f
 from __future__ import annotations
 
 import os
+import sqlite3
 import subprocess
 from collections.abc import Iterator
 from pathlib import Path
@@ -15,6 +16,7 @@ from pathlib import Path
 import pytest
 from optuna.trial import TrialState
 
+import cliptune
 from tests.faults._support import JOB, cli, load, mlflow_runs, retry_of, write_job
 
 pytestmark = pytest.mark.faults
@@ -61,3 +63,18 @@ def test_a_full_disk_is_one_error_and_loses_nothing(small_disk: Path, tmp_path: 
     assert [t.state for t in after if retry_of(t) == 3] == [TrialState.COMPLETE]
     parents, runs = mlflow_runs(small_disk)
     assert not [r for r in [*parents, *runs.values()] if r.info.status == "RUNNING"]
+
+
+def test_a_train_functions_own_database_error_is_a_failed_trial(tmp_path: Path) -> None:
+    """Only the study's storage failing stops the job: a database error of the train function
+    itself is a failed trial like any other, and the study goes on."""
+
+    def train(trial: cliptune.Trial) -> None:
+        if trial.number == 0:
+            sqlite3.connect(":memory:").execute("SELECT * FROM missing_table")
+        trial.report(0, val_loss=1.0 / (trial.number + 1))
+
+    result = cliptune.tune_loop(train, n_trials=3, seed=0, tracking=False,
+                                storage=f"sqlite:///{tmp_path / 'study.db'}")
+    assert (result.n_failed, result.n_complete) == (1, 2)
+    assert "OperationalError: no such table" in result.study.trials[0].user_attrs["error"]
