@@ -16,12 +16,18 @@ examples:
   cliptune spaces                                   the shipped search spaces
   cliptune ui                                       browse the tracked runs in MLflow
 
-exit status: 0 success, 1 every trial failed, 2 bad input, 130 interrupted (Ctrl-C)"""
+exit status: 0 success, 1 every trial failed or the storage failed (a full disk), 2 bad input,
+  130 interrupted (Ctrl-C), 143 terminated (SIGTERM: the running trial is recorded as failed and
+  runs again when the job does; the MLflow runs are closed and the worker processes stopped)"""
 
 _TUNE = """\
 n_trials is the study's total: running the same job again continues the same study (by default
 in sqlite:///mlruns/cliptune-optuna.db) up to it, so a stopped job is finished by rerunning it.
-Ctrl-C stops after the running trial is recorded; press it twice to abort that trial.
+Ctrl-C stops after the running trial is recorded; press it twice to abort that trial. SIGTERM
+(kill, a scheduler's stop) aborts it at once, like a second Ctrl-C, and exits 143; the aborted
+trial runs again when the job does, as does the trial of a job that was killed (SIGKILL).
+A job whose search space, epochs, seed or other training settings changed since the study last ran
+is refused (start a new study with --study NAME, or continue this one with --continue-changed).
 
 examples:
   cliptune tune examples/adding_rnn.yaml
@@ -89,6 +95,9 @@ def _tune_options(parser: argparse.ArgumentParser) -> None:
 
     parser.add_argument("--workers", type=int, metavar="N",
                         help="worker processes on this machine (workers; default: 1)")
+    parser.add_argument("--continue-changed", action="store_true",
+                        help="continue the study although the job changed since it last ran "
+                             "(study.continue_changed); each version of the settings is recorded")
 
 
 def build_parser(commands: dict[str, Callable[[argparse.Namespace], int]]) -> argparse.ArgumentParser:

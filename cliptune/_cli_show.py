@@ -1,8 +1,10 @@
-"""What the CLI prints: the best-trials table, the best config and its one-liners, shipped spaces."""
+"""What the CLI prints: the best-trials table, the best config and its one-liners, shipped spaces,
+errors."""
 
 from __future__ import annotations
 
 import json
+import sys
 from typing import TYPE_CHECKING, Any
 
 import yaml
@@ -114,3 +116,9 @@ def space_description(path: Any) -> str:
     except (OSError, yaml.YAMLError):
         return ""
     return str(data.get("description", "")) if isinstance(data, dict) else ""
+
+
+def error(command: str, message: str) -> None:
+    """``cliptune COMMAND: error: ...`` on stderr, a line per line of the message."""
+    for line in message.splitlines():
+        print(f"cliptune {command}: error: {line}", file=sys.stderr)

@@ -13,6 +13,16 @@ class UsageError(Exception):
     fail the same way."""
 
 
+class Terminated(KeyboardInterrupt):
+    """The job got SIGTERM (a scheduler, ``kill``, Kubernetes, SLURM): like a second Ctrl-C, it
+    aborts the running trial, which is recorded as failed and retried when the job runs again."""
+
+
+class StorageError(RuntimeError):
+    """The Optuna storage cannot be written (a full disk, a lost database): the job stops; what
+    the storage recorded before is kept, and the trial it could not record is retried later."""
+
+
 def did_you_mean(name: str, choices: Iterable[str]) -> str:
     """Return ' Did you mean 'x'?' for the closest choice, or '' when none is close."""
     close = difflib.get_close_matches(str(name), [str(c) for c in choices], n=1, cutoff=0.6)
@@ -50,3 +60,12 @@ def check_positive_float(value: object, name: str, owner: str) -> float:
             f"Got {value!r} instead."
         )
     return float(value)  # type: ignore[arg-type]
+
+
+def check_non_negative_float(value: object, name: str, owner: str) -> float:
+    """Validate a finite float >= 0 argument."""
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not (
+            math.isfinite(value) and value >= 0):
+        raise ValueError(f"The {name!r} parameter of {owner} must be a finite float >= 0. "
+                         f"Got {value!r} instead.")
+    return float(value)

@@ -1,8 +1,11 @@
 """Every private Optuna API cliptune relies on, in one place (checked against Optuna 4.5 to 5.x).
 
 - a study's storage and id (``study._storage``, ``study._study_id``): for a cheap trial count
-  and for the liveness checks that Optuna's public API does not expose;
+  and for the liveness checks that Optuna's public API does not expose; the RDB storage behind
+  its cache (``_CachedStorage._backend``), to name it in messages;
 - whether an RDB storage runs heartbeats (``optuna.storages._heartbeat``);
+- whether a parameter's new distribution can join a study's earlier trials
+  (``optuna.distributions.check_distribution_compatibility``, marked as not for users);
 - the random state of the TPE sampler and of its start-up random sampler (``_rng``), set per
   trial so that a continued or shared study keeps sampling new points (see :mod:`cliptune._study`).
 """
@@ -15,6 +18,11 @@ from optuna.storages import BaseStorage
 
 def storage_of(study: optuna.Study) -> BaseStorage:
     return study._storage
+
+
+def backend_of(storage: BaseStorage) -> BaseStorage:
+    """The storage an RDB study's cache wraps (it has the URL)."""
+    return getattr(storage, "_backend", storage)
 
 
 def n_trials_of(study: optuna.Study) -> int:
@@ -32,3 +40,13 @@ def reseed_tpe(sampler: optuna.samplers.TPESampler, seed: int) -> None:
     """Set the random state of a TPE sampler and of the random sampler it starts with."""
     sampler._rng.rng.seed(seed)
     sampler._random_sampler._rng.rng.seed(seed)
+
+
+def incompatibility(old: optuna.distributions.BaseDistribution,
+                    new: optuna.distributions.BaseDistribution) -> str | None:
+    """Why a study whose trials used ``old`` for a parameter cannot sample it from ``new``."""
+    try:
+        optuna.distributions.check_distribution_compatibility(old, new)
+    except ValueError as exc:
+        return str(exc)
+    return None

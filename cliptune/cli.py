@@ -1,6 +1,7 @@
 """The command line: ``cliptune tune/worker/best/report/spaces/ui``, thin over jobs and the tuner.
 
-Exit status: 0 on success, 1 when every trial failed, 2 on bad input, 130 when interrupted.
+Exit status: 0 on success, 1 when every trial (or the storage) failed, 2 on bad input, 130 when
+interrupted (Ctrl-C), 143 when terminated (SIGTERM); see :mod:`cliptune._cli_tune`.
 """
 
 from __future__ import annotations
@@ -8,132 +9,30 @@ from __future__ import annotations
 import argparse
 import logging
 import os
-import signal
+import re
 import sys
+import threading
+import warnings
 from pathlib import Path
 from typing import Any
 
 import optuna
-import yaml
 
 from cliptune import _cli_show as show
-from cliptune._errors import UsageError, unknown_name
+from cliptune._cli_tune import (
+    EXIT_FAILED,
+    EXIT_INTERRUPTED,
+    EXIT_TERMINATED,
+    EXIT_USAGE,
+    cmd_tune,
+)
+from cliptune._errors import Terminated, unknown_name
 from cliptune.jobs import DEFAULT_STORAGE, Job, JobError, load_study, open_storage, storage_url
 from cliptune.result import TuneResult
-from cliptune.runner import counts_toward_total
 from cliptune.space import shipped_spaces
-from cliptune.storage import mask_url
+from cliptune.storage import storage_failure
 
-EXIT_FAILED, EXIT_USAGE, EXIT_INTERRUPTED = 1, 2, 130
 log = logging.getLogger("cliptune")
-
-
-class _StopOnInterrupt:
-    """First Ctrl-C: let the running trial finish and be recorded, then stop. Second: abort it."""
-
-    def __init__(self) -> None:
-        self.requested = False
-        self._previous: Any = None
-
-    def __enter__(self) -> _StopOnInterrupt:
-        self._previous = signal.signal(signal.SIGINT, self._handle)
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        signal.signal(signal.SIGINT, self._previous)
-
-    def _handle(self, signum: int, frame: object) -> None:
-        if self.requested:
-            raise KeyboardInterrupt
-        self.requested = True
-        print("\nStopping after the running trial is recorded (Ctrl-C again to abort it).",
-              file=sys.stderr, flush=True)
-
-    def callback(self, study: optuna.Study, trial: optuna.trial.FrozenTrial) -> None:
-        if self.requested:
-            study.stop()
-
-
-def _overrides(args: argparse.Namespace) -> dict[str, Any]:
-    """``--set key=value`` (values read as YAML) and the named flags, as dotted job keys."""
-    out: dict[str, Any] = {}
-    for item in args.set or []:
-        key, sep, value = item.partition("=")
-        if not sep or not key:
-            raise JobError(f"--set: expected key=value (e.g. optimizer.lr=0.1), got {item!r}.")
-        try:
-            out[key.strip()] = yaml.safe_load(value)
-        except yaml.YAMLError:
-            out[key.strip()] = value
-    flags = {"n_trials": args.n_trials, "timeout": args.timeout, "seed": args.seed,
-             "study.storage": args.storage, "study.name": args.study,
-             "tracking.uri": args.tracking_uri, "tracking.experiment": args.experiment,
-             "tracking.enabled": False if args.no_tracking else None, "workers": args.workers}
-    out.update({key: value for key, value in flags.items() if value is not None})
-    return out
-
-
-def _summary(result: TuneResult) -> None:
-    print(show.best_table(result))
-    print(show.counts_line(result))
-    if result.best_config is not None:
-        print()
-        print(show.best_text(result))
-
-
-def _finished(storage: Any, job: Job, url: str) -> TuneResult | None:
-    """The study's result when it already has its total and nothing runs (no work to do)."""
-    try:
-        study = optuna.load_study(study_name=job.study_name, storage=storage)
-    except KeyError:
-        return None
-    trials = study.get_trials(deepcopy=False)
-    total = job.get("n_trials", 20)
-    if counts_toward_total(trials) < total or any(
-            t.state in (optuna.trial.TrialState.RUNNING, optuna.trial.TrialState.WAITING)
-            for t in trials):
-        return None
-    log.info("study %r in %s already has its %d trials; nothing to run (raise --n-trials to "
-             "run more).", job.study_name, mask_url(url), total)
-    return TuneResult.from_study(study)
-
-
-def cmd_tune(args: argparse.Namespace) -> int:
-    job = Job.load(args.job, _overrides(args))
-    url = storage_url(job)
-    where = "--storage" if args.storage else f"{job.source}: study.storage"
-    storage = open_storage(url, where, heartbeat=job.heartbeat())
-    done = _finished(storage, job, url)
-    if done is not None:
-        _summary(done)
-        return 0
-    from cliptune.tuner import tune, tune_loop
-
-    positional, kwargs = job.arguments()
-    stopper = _StopOnInterrupt()
-    kwargs.update(storage=storage, show_progress=True, callbacks=[stopper.callback])
-    log.info("study %r in %s (optuna-dashboard %s; cliptune best %s)", job.study_name,
-             mask_url(url), mask_url(url), args.job)
-    interrupted = False
-    try:
-        with stopper:
-            result = (tune_loop if job.own_loop else tune)(*positional, **kwargs)
-    except KeyboardInterrupt:
-        interrupted = True
-        result = TuneResult.from_study(optuna.load_study(study_name=job.study_name,
-                                                         storage=storage))
-    except (RuntimeError, UsageError) as exc:
-        if not isinstance(exc, UsageError) and not str(exc).startswith("All "):
-            raise
-        _error("tune", str(exc))
-        return EXIT_FAILED
-    except (ValueError, TypeError) as exc:
-        _error("tune", f"{job.source}: {exc}")
-        return EXIT_USAGE
-    if interrupted or stopper.requested:
-        print(f"Interrupted; the best so far in study {job.study_name!r}:", file=sys.stderr)
-    _summary(result)
-    return EXIT_INTERRUPTED if interrupted or stopper.requested else 0
 
 
 def _study_from_args(args: argparse.Namespace) -> optuna.Study:
@@ -155,7 +54,7 @@ def _study_from_args(args: argparse.Namespace) -> optuna.Study:
 def cmd_best(args: argparse.Namespace) -> int:
     result = TuneResult.from_study(_study_from_args(args))
     if result.best_config is None:
-        _error("best", f"study {result.study.study_name!r} has no completed trial yet "
+        show.error("best", f"study {result.study.study_name!r} has no completed trial yet "
                        f"({show.counts_line(result)}).")
         return EXIT_FAILED
     print(show.best_text(result, args.format))
@@ -190,11 +89,6 @@ def cmd_ui(args: argparse.Namespace) -> int:
     return serve_ui(uri, args.port)
 
 
-def _error(command: str, message: str) -> None:
-    for line in message.splitlines():
-        print(f"cliptune {command}: error: {line}", file=sys.stderr)
-
-
 def _configure_logging() -> None:
     """The CLI shows cliptune's messages on stderr; Optuna's per-trial lines give way to the bar."""
     logger = logging.getLogger("cliptune")
@@ -205,6 +99,42 @@ def _configure_logging() -> None:
         logger.setLevel(logging.INFO)
         logger.propagate = False
     optuna.logging.set_verbosity(optuna.logging.WARNING)
+    warnings.showwarning = _warning_line
+    # A store that fails is reported once, by the job: not again, with a traceback, by Optuna (a
+    # trial it could not record), MLflow's logger or a thread (Optuna's heartbeat) that saw it.
+    for handler in logging.getLogger("optuna").handlers:
+        handler.addFilter(_QuietStorageFailures())
+    logging.getLogger("mlflow.store.db.utils").setLevel(logging.CRITICAL)
+    threading.excepthook = _quiet_thread_failures(threading.excepthook)
+
+
+def _warning_line(message: Any, category: type, *args: Any, **kwargs: Any) -> None:
+    log.warning("%s: %s", category.__name__, message)
+
+
+class _QuietStorageFailures(logging.Filter):
+    """Drops Optuna's lines about a trial whose storage failed (the job says it once)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self._trials: set[str] = set()
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        trial = re.match(r"Trial (\d+) failed", record.getMessage())
+        failure = record.exc_info[1] if record.exc_info else None
+        if trial and failure is not None and storage_failure(failure) is not None:
+            self._trials.add(trial.group(1))
+        return not (trial and trial.group(1) in self._trials)
+
+
+def _quiet_thread_failures(previous: Any) -> Any:
+    def hook(args: Any) -> None:
+        if args.exc_value is not None and storage_failure(args.exc_value) is not None:
+            log.debug("%s: %s", args.thread.name if args.thread else "a thread", args.exc_value)
+            return
+        previous(args)
+
+    return hook
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -218,7 +148,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         return args.func(args)
     except JobError as exc:
-        _error(args.command, str(exc))
+        show.error(args.command, str(exc))
         return EXIT_USAGE
-    except KeyboardInterrupt:
-        return EXIT_INTERRUPTED
+    except KeyboardInterrupt as exc:  # before the job runs (it handles its own)
+        return EXIT_TERMINATED if isinstance(exc, Terminated) else EXIT_INTERRUPTED

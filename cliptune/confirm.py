@@ -3,9 +3,10 @@
 A study's best value is the minimum of noisy runs (a config's final loss moves with its
 initialisation and batch order), so the single best trial is partly luck. Before a study reports
 its winner, its ``confirm`` best complete configs (distinct params, within 20% of the best value:
-the others cannot win) each train again ``confirm_seeds`` times; a re-run is an ordinary trial of the study with the same params, marked
-with the user attribute ``cliptune.confirms`` (the trial it confirms), seeded ``seed + its own
-number`` (so fresh), never pruned as unpromising, and not counted in ``n_trials``. The winner is
+the others cannot win) each train again ``confirm_seeds`` times; a re-run is an ordinary trial of
+the study with the same params, marked with the user attribute ``cliptune.confirms`` (the trial
+it confirms), seeded ``seed + its own number`` (so fresh), never pruned as unpromising, and not
+counted in ``n_trials``. The winner is
 the candidate with the best mean over its original run and its re-runs (a pruned or failed re-run
 counts as infinitely bad); its values and their spread are in :class:`TuneResult`.
 """

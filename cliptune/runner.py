@@ -20,7 +20,9 @@ import optuna
 from optuna.storages import RetryHeartbeatStaleTrialCallback
 from optuna.trial import FrozenTrial, TrialState
 
-from cliptune._errors import UsageError
+from cliptune._errors import StorageError, UsageError
+from cliptune._faults import retry_interrupted, storage_error
+from cliptune._job_record import job_version
 from cliptune._optuna import n_trials_of, storage_of
 from cliptune._study import load_study, stability_pruner
 from cliptune.confirm import is_rerun
@@ -33,6 +35,7 @@ from cliptune.storage import (
     beating,
     fail_stale_trials,
     quiet_experimental,
+    storage_failure,
     watches_liveness,
 )
 from cliptune.tracking import Tracker, make_tracker
@@ -79,8 +82,12 @@ class TrialRunner:
         self.errors: list[str] = []
         self.usage_error: UsageError | None = None
         self.n_ran = 0
+        self.stop_requested: Callable[[], bool] = lambda: False  # a worker's parent says stop
         self._reached = False
-        self.stopped_early = False  # a timeout or a callback (Ctrl-C) ended the last run
+        self.stopped_early = False  # a timeout, a callback (Ctrl-C) or a stop ended the last run
+        self._current: int | None = None  # the trial this worker runs (or ran last)
+        self._interrupted: int | None = None
+        self._storage_failed: Exception | None = None
 
     def __call__(self, trial: optuna.Trial) -> float:
         if (trial.number >= self.total and trial.user_attrs.get("cliptune.confirms") is None
@@ -88,8 +95,15 @@ class TrialRunner:
             trial.set_user_attr(SURPLUS_ATTR, True)
             raise SurplusTrial(f"trial {trial.number} is beyond the study's total of {self.total}")
         self.n_ran += 1
-        with beating(trial, self.heartbeat):
-            return self._train(trial)
+        self._current = trial.number
+        try:
+            with beating(trial, self.heartbeat):
+                return self._train(trial)
+        except Exception as exc:
+            if storage_failure(exc) is not None:  # every next trial would fail the same way
+                self._storage_failed = exc
+                trial.study.stop()
+            raise
 
     def _is_surplus(self, trial: optuna.Trial) -> bool:
         trials = trial.study.get_trials(deepcopy=False)
@@ -110,8 +124,12 @@ class TrialRunner:
         return Trial(config, extras, number, seed, monitor, optuna_trial=trial)
 
     def _train(self, trial: optuna.Trial) -> float:
-        handle = self.make_trial(trial)
         number = trial.number
+        try:
+            handle = self.make_trial(trial)
+        except Exception as exc:  # sampling failed: a failed trial like any other
+            self._record_error(trial, exc)
+            raise
         try:
             self.plan.train(handle)
             value = handle.monitor.value()
@@ -119,14 +137,14 @@ class TrialRunner:
             self.tracker.trial_finished(number, "PRUNED",
                                         reason=trial.user_attrs.get("prune_reason", "unpromising"))
             raise
-        except KeyboardInterrupt:  # Optuna records the trial FAIL; close its run the same way
-            self.tracker.trial_finished(number, "FAIL", error="KeyboardInterrupt: interrupted")
-            raise
-        except Exception as exc:
-            error = f"{type(exc).__name__}: {exc}"
-            self.errors.append(error)
+        except KeyboardInterrupt as exc:  # Ctrl-C twice, or SIGTERM: Optuna records it FAIL
+            self._interrupted = number
+            error = f"{type(exc).__name__}: interrupted" + (f" ({exc})" if str(exc) else "")
             trial.set_user_attr("error", error)
             self.tracker.trial_finished(number, "FAIL", error=error)
+            raise
+        except Exception as exc:
+            self.tracker.trial_finished(number, "FAIL", error=self._record_error(trial, exc))
             if isinstance(exc, UsageError):  # every trial would fail the same way: stop
                 self.usage_error = exc
                 trial.study.stop()
@@ -135,6 +153,12 @@ class TrialRunner:
             trial.set_user_attr("history", handle.monitor.history)
         self.tracker.trial_finished(number, "COMPLETE", value=value)
         return value
+
+    def _record_error(self, trial: optuna.Trial, exc: Exception) -> str:
+        error = f"{type(exc).__name__}: {exc}"
+        self.errors.append(error)
+        trial.set_user_attr("error", error)
+        return error
 
     def _after_trial(self, study: optuna.Study, trial: FrozenTrial) -> None:
         if n_trials_of(study) < self.total:
@@ -146,47 +170,80 @@ class TrialRunner:
             study.stop()
 
     def run(self, study: optuna.Study, progress: bool, callbacks: Sequence[Callback] = ()) -> None:
-        """Run trials until the study's total is reached, the timeout passes or a callback stops."""
+        """Run trials until the study's total is reached, the timeout passes or a callback stops.
+
+        Raises:
+            KeyboardInterrupt: Interrupted (``Terminated`` for SIGTERM); the trial it aborted is
+                recorded FAIL and queued to run again (with its params) when the job runs again.
+            StorageError: The storage cannot be written (one clear line; nothing lost).
+        """
         timeout = self.plan.settings.search.timeout
         deadline = None if timeout is None else time.monotonic() + timeout
         bar = _progress_bar(study, self.total) if progress else None
         chain: list[Callback] = [self._after_trial, *callbacks]
+        chain.append(lambda s, t: s.stop() if self.stop_requested() else None)
         if bar is not None:
             chain.append(lambda s, t: _advance(bar, s, self.total))
-        told, waited_since = False, 0.0
         self.stopped_early = False
         try:
-            while self.usage_error is None:
-                if self.heartbeat is not None:
-                    fail_stale_trials(study, self.heartbeat)
-                trials = study.get_trials(deepcopy=False)
-                if counts_toward_total(trials) < self.total or any(
-                        t.state is TrialState.WAITING for t in trials):
-                    left = None if deadline is None else deadline - time.monotonic()
-                    if left is not None and left <= 0:
-                        self.stopped_early = True
-                        return
-                    self._reached = False
-                    study.optimize(self, timeout=left, catch=(Exception,), callbacks=chain)
-                    if not self._reached:  # the timeout, or a callback stopped the study
-                        self.stopped_early = True
-                        return
-                    continue
-                running = sum(t.state is TrialState.RUNNING for t in trials)
-                if not running or not watches_liveness(storage_of(study)):
-                    return
-                if bar is not None:
-                    _advance(bar, study, self.total)
-                waited_since = waited_since or time.monotonic()
-                if not told and time.monotonic() - waited_since > _QUIET_WAIT_S:
-                    log.info("waiting for %d running trial(s) of other workers (a dead worker's "
-                             "trial is failed and retried after the heartbeat grace period)",
-                             running)
-                    told = True
-                time.sleep(1.0)
+            self._loop(study, deadline, chain, bar)
+            if self._storage_failed is not None:  # it stopped the study
+                raise self._storage_failed
+        except KeyboardInterrupt:
+            self._retry_interrupted(study)
+            raise
+        except Exception as exc:
+            reason = storage_failure(exc)
+            if reason is None:
+                raise
+            raise self._storage_error(study, reason) from exc
         finally:
             if bar is not None:
                 bar.close()
+
+    def _loop(self, study: optuna.Study, deadline: float | None, chain: list[Callback],
+              bar: Any) -> None:
+        told, waited_since = False, 0.0
+        while self.usage_error is None:
+            if self.stop_requested():
+                self.stopped_early = True
+                return
+            if self.heartbeat is not None:
+                fail_stale_trials(study, self.heartbeat)
+            trials = study.get_trials(deepcopy=False)
+            if counts_toward_total(trials) < self.total or any(
+                    t.state is TrialState.WAITING for t in trials):
+                left = None if deadline is None else deadline - time.monotonic()
+                if left is not None and left <= 0:
+                    self.stopped_early = True
+                    return
+                self._reached = False
+                study.optimize(self, timeout=left, catch=(Exception,), callbacks=chain)
+                if not self._reached:  # the timeout, or a callback stopped the study
+                    self.stopped_early = True
+                    return
+                continue
+            running = sum(t.state is TrialState.RUNNING for t in trials)
+            if not running or not watches_liveness(storage_of(study)):
+                return
+            if bar is not None:
+                _advance(bar, study, self.total)
+            waited_since = waited_since or time.monotonic()
+            if not told and time.monotonic() - waited_since > _QUIET_WAIT_S:
+                log.info("waiting for %d running trial(s) of other workers (a dead worker's "
+                         "trial is failed and retried after the heartbeat grace period)", running)
+                told = True
+            time.sleep(1.0)
+
+    def _retry_interrupted(self, study: optuna.Study) -> None:
+        number, self._interrupted = self._interrupted, None
+        if number is not None:
+            retry_interrupted(study, number)
+
+    def _storage_error(self, study: optuna.Study, reason: str) -> StorageError:
+        if self._current is not None:  # close its MLflow run (if it is open) as the trial ended
+            self.tracker.trial_finished(self._current, "FAIL", error=f"StorageError: {reason}")
+        return storage_error(study, reason, self._current)
 
     def raise_if_failed(self) -> None:
         """A usage error stops the job; so does a job in which every trial failed."""
@@ -197,16 +254,22 @@ class TrialRunner:
                                f"{self.errors[0]}")
 
 
-def run_worker(plan: Plan, storage: Any, study_name: str) -> None:
-    """One more worker process on a study its parent created: run trials to the total."""
+def run_worker(plan: Plan, storage: Any, study_name: str,
+               stop_requested: Callable[[], bool] | None = None) -> None:
+    """One more worker process on a study its parent created: run trials to the total, or until
+    ``stop_requested()`` (then the running trial finishes first)."""
     s = plan.settings
     tracker: Tracker = make_tracker(s.tracking.tracking, s.tracking.tracking_uri,
                                     s.tracking.experiment, s.tracking.tracker)
     pruner = stability_pruner(s.search.pruner, s.search.multi_fidelity)
     study = load_study(plan, storage, study_name, pruner)
-    tracker.start(study, plan.job_params())
+    tracker.start(study, {**plan.job_params(), "job_version": job_version(study)})
     runner = TrialRunner(plan, pruner, tracker, s.study.heartbeat)
-    runner.run(study, progress=False)  # the job's summary is the parent process's to record
+    runner.stop_requested = stop_requested or runner.stop_requested
+    try:
+        runner.run(study, progress=False)
+    finally:  # its trials' records go out; the job's summary is the parent process's to record
+        tracker.close()
     runner.raise_if_failed()
 
 

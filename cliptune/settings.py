@@ -134,6 +134,11 @@ class Study:
         "study.heartbeat")
     n_jobs: int = _setting(1, c.positive_int, "Worker processes on this machine (spawned: the "
                            "train function or model factory must be importable).", "workers")
+    continue_changed: bool = _setting(
+        False, c.boolean, "Continue a study whose job changed since it last ran (another search "
+        "space, epochs, seed, learning rate, ...), recording each version of its settings in the "
+        "study. False: such a change is an error before any work, so that no study mixes trials "
+        "that do not compare.", "study.continue_changed")
 
 
 @dataclass(frozen=True)

@@ -5,14 +5,17 @@
   period and retried by Optuna's ``RetryHeartbeatStaleTrialCallback``.
 - ``journal:PATH``: Optuna's JournalStorage on a file. It has no heartbeat of its own, so cliptune
   stamps running trials (system attribute ``cliptune.heartbeat``) and fails and retries stale ones
-  with the same callback.
+  with the same callback. A record a crash cut off is repaired first (:mod:`cliptune._journal`).
 
 Two processes opening a brand-new database at once race on creating its schema; opening retries.
 """
 
 from __future__ import annotations
 
+import logging
+import os
 import random
+import re
 import threading
 import time
 import warnings
@@ -28,9 +31,16 @@ from optuna.trial import TrialState
 
 from cliptune._optuna import has_native_heartbeat, storage_of
 
+log = logging.getLogger("cliptune")
+
 HEARTBEAT_ATTR = "cliptune.heartbeat"
 _SECRET_KEYS = ("password", "passwd", "pwd", "secret", "token", "api_key", "apikey")
+# In free text: scheme://user:PASSWORD@host (the password may hold '@'), and key=SECRET.
+_USERINFO = re.compile(r"([a-zA-Z][a-zA-Z0-9+.-]*://[^:/\s'\"@]*):(\S*?)@(?=[^@/\s'\"]*(?:[/\s'\"?]|$))")
+_SECRET_PAIR = re.compile(rf"\b({'|'.join(_SECRET_KEYS)})=[^&\s'\"]+", re.IGNORECASE)
 _RDB_SCHEMES = ("sqlite", "postgresql", "mysql")
+_DB_ERRORS = ("OperationalError", "DatabaseError", "InterfaceError", "StorageInternalError")
+_STORAGE_CODE = os.path.join("optuna", "storages", "")  # where a storage failure comes from
 _OPEN_TRIES = 8
 T = TypeVar("T")
 
@@ -52,6 +62,55 @@ def mask_url(url: str) -> str:
     pairs = parse_qsl(parts.query, keep_blank_values=True)
     query = urlencode([(k, "***" if k.lower() in _SECRET_KEYS else v) for k, v in pairs], safe="*")
     return urlunsplit(parts._replace(netloc=netloc, query=query))
+
+
+def mask_text(text: str) -> str:
+    """``text`` (an error message, a log line) with the password of every URL in it masked.
+
+    Example:
+        >>> mask_text("API request to http://bob:pw@h:5000/api failed")
+        'API request to http://bob:***@h:5000/api failed'
+    """
+    return _SECRET_PAIR.sub(r"\1=***", _USERINFO.sub(r"\1:***@", text))
+
+
+def missing_driver(what: str, url: str, exc: BaseException) -> ValueError:
+    """The error for a database URL whose driver is not installed (Optuna storage, MLflow store)."""
+    name = getattr(exc, "name", None) or str(exc).rpartition(" ")[2].strip("'\"")
+    return ValueError(f"The {what} URL {mask_url(url)!r} needs a database driver that is not "
+                      f"installed ({name}; for PostgreSQL: pip install 'cliptune[postgres]', "
+                      "which brings psycopg 3 for postgresql:// and psycopg2 for "
+                      "postgresql+psycopg2://).")
+
+
+def storage_failure(exc: BaseException) -> str | None:
+    """Why the study's storage cannot be written, when ``exc`` says so; else None.
+
+    A full disk, a read-only or lost file, a database that went away: an ``OSError``, a database
+    error or Optuna's ``StorageInternalError`` that came out of Optuna's storage code (so that a
+    train function's own database error is a failed trial, not a failed storage).
+    """
+    chain: list[BaseException] = []
+    while exc is not None and exc not in chain:
+        chain.append(exc)
+        exc = exc.__cause__ or exc.__context__
+    found = [e for e in chain if type(e).__name__ in _DB_ERRORS
+             or (isinstance(e, OSError) and e.errno is not None)]
+    if not found or not any(_raised_in_storage(e) for e in chain):
+        return None
+    deepest = found[-1]  # says it best
+    reason = (deepest.strerror if isinstance(deepest, OSError) and deepest.strerror else
+              str(getattr(deepest, "orig", None) or deepest).strip().splitlines()[0])
+    return mask_text(reason[:300])
+
+
+def _raised_in_storage(exc: BaseException) -> bool:
+    tb = exc.__traceback__
+    while tb is not None:
+        if _STORAGE_CODE in tb.tb_frame.f_code.co_filename:
+            return True
+        tb = tb.tb_next
+    return False
 
 
 def storage_label(storage: object) -> str:
@@ -117,10 +176,10 @@ def open_storage(storage: str | BaseStorage | None, heartbeat: Heartbeat | None 
         path = storage[len("journal:"):]
         if not path:
             raise ValueError("A journal storage needs a file path: 'journal:PATH'. Got 'journal:'.")
-        from optuna.storages.journal import JournalFileBackend
+        from cliptune._journal import open_journal
 
         try:
-            return optuna.storages.JournalStorage(JournalFileBackend(path))
+            return open_journal(path)  # what a crash mid-write left is repaired first
         except OSError as exc:
             raise ValueError(f"Cannot open the journal storage {path!r}: {exc.strerror}.") from None
     if _scheme(storage) not in _RDB_SCHEMES or "://" not in storage:
@@ -133,7 +192,7 @@ def _open_rdb(url: str, heartbeat: Heartbeat | None) -> BaseStorage:
     kwargs: dict[str, Any] = {}
     if heartbeat is not None:
         kwargs = {"heartbeat_interval": heartbeat.interval, "grace_period": heartbeat.grace_period,
-                  "heartbeat_stale_trial_callback": _retry_callback()}
+                  "heartbeat_stale_trial_callback": retry_callback()}
 
     def create() -> BaseStorage:
         with quiet_experimental():
@@ -142,10 +201,7 @@ def _open_rdb(url: str, heartbeat: Heartbeat | None) -> BaseStorage:
     try:
         return retry_schema_races(create)
     except ImportError as exc:  # Optuna wraps a missing driver in an ImportError
-        raise ValueError(f"The storage URL {mask_url(url)!r} needs a database driver that is "
-                         "not installed (for PostgreSQL: pip install 'cliptune[postgres]', which "
-                         "brings psycopg 3 for postgresql:// and psycopg2 for "
-                         "postgresql+psycopg2://).") from exc
+        raise missing_driver("storage", url, exc.__cause__ or exc) from exc
     except Exception as exc:  # SQLAlchemy's errors, without importing it here
         reason = str(exc).strip().splitlines()[0][:300]
         raise ValueError(f"Cannot open the Optuna storage {mask_url(url)!r}: {reason}") from None
@@ -159,9 +215,24 @@ def quiet_experimental() -> Iterator[None]:
         yield
 
 
-def _retry_callback() -> RetryHeartbeatStaleTrialCallback:
+class _LoggedRetry(RetryHeartbeatStaleTrialCallback):
+    """Optuna's retry of a trial whose worker stopped beating, and a line that says so."""
+
+    def __call__(self, study: optuna.Study, trial: optuna.trial.FrozenTrial) -> None:
+        super().__call__(study, trial)
+        with quiet_experimental():
+            retry = next((t.number for t in reversed(study.get_trials(deepcopy=False))
+                          if self.retried_trial_number(t) == trial.number), None)
+        if retry is not None:
+            log.warning("trial %d was left RUNNING (its worker stopped, or it was interrupted): "
+                        "failed, and retried as trial %d with the same parameters", trial.number,
+                        retry)
+
+
+def retry_callback() -> RetryHeartbeatStaleTrialCallback:
+    """Fail-and-retry of a trial whose worker died (at most 3 retries of one trial)."""
     with quiet_experimental():
-        return RetryHeartbeatStaleTrialCallback(max_retry=3)
+        return _LoggedRetry(max_retry=3)
 
 
 def watches_liveness(storage: BaseStorage) -> bool:
@@ -179,7 +250,7 @@ def fail_stale_trials(study: optuna.Study, heartbeat: Heartbeat) -> None:
     if not isinstance(storage, optuna.storages.JournalStorage):
         return
     now = time.time()
-    retry = _retry_callback()
+    retry = retry_callback()
     for trial in study.get_trials(deepcopy=False, states=(TrialState.RUNNING,)):
         beat = trial.system_attrs.get(HEARTBEAT_ATTR, trial.datetime_start.timestamp()
                                       if trial.datetime_start else now)
@@ -204,7 +275,11 @@ def beating(trial: optuna.Trial, heartbeat: Heartbeat | None) -> Iterator[None]:
 
     def beat() -> None:
         while True:
-            storage.set_trial_system_attr(trial._trial_id, HEARTBEAT_ATTR, time.time())
+            try:
+                storage.set_trial_system_attr(trial._trial_id, HEARTBEAT_ATTR, time.time())
+            except Exception as exc:  # the trial's own next write will say it
+                log.debug("trial %d: heartbeat failed (%s)", trial.number, mask_text(str(exc)))
+                return
             if stop.wait(heartbeat.interval):
                 return
 

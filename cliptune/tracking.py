@@ -1,24 +1,33 @@
 """Tracking of a tuning job. The tuner talks to a :class:`Tracker`; MLflow is imported lazily.
 
 :class:`MlflowTracker` records a job as one parent run (the job's settings, the best config, the
-summary artifacts) with one nested run per trial (its clip, its per-epoch metrics, how it ended).
-It talks to :class:`mlflow.MlflowClient` directly, never to the fluent API's global active run, and
-sends values in batches: a run's metrics, params and tags go out in one ``log_batch``.
+summary artifacts) with one nested run per trial (its clip, its per-epoch metrics, how it ended),
+through :class:`mlflow.MlflowClient` (never the fluent API's global run). It decides what is sent
+when; :mod:`cliptune._mlflow_runs` makes the calls, in the background after the job's start
+(:mod:`cliptune._mlflow_sender`), so that the store never holds a trial up.
 """
 
 from __future__ import annotations
 
 import logging
-import math
-import tempfile
+import shutil
 import time
 import warnings
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 from urllib.parse import urlsplit
 
-from cliptune._mlflow_store import probe_server, sqlite_lock
-from cliptune.storage import mask_url, retry_schema_races
+from cliptune import _mlflow_runs as runs
+from cliptune._errors import check_non_negative_float
+from cliptune._mlflow_sender import Sender
+from cliptune._mlflow_store import (
+    connect,
+    describe,
+    sqlite_lock,
+    unreachable,
+    without_credentials,
+)
+from cliptune.storage import mask_text, mask_url, retry_schema_races
 
 if TYPE_CHECKING:
     import optuna
@@ -30,11 +39,6 @@ log = logging.getLogger("cliptune")
 
 LOCAL_UI = "http://127.0.0.1:5000"  # what a plain ``mlflow ui`` serves
 ML_WORKFLOW = "workflowType=machine_learning"  # opens the UI in its model-training mode
-PARENT_ATTR = "cliptune.mlflow_parent_run_id"  # study user attribute: the job's parent run
-# A pruned trial's run ends KILLED (stopped early), so the runs table tells it from a complete one.
-_END_STATUS = {"COMPLETE": "FINISHED", "PRUNED": "KILLED", "FAIL": "FAILED"}
-_MAX_PARAM, _MAX_TAG = 6000, 8000  # MLflow's value length limits
-_MAX_METRICS, _MAX_PARAMS_TAGS = 1000, 100  # MLflow's per-batch limits
 
 
 class Tracker:
@@ -63,11 +67,15 @@ class Tracker:
     def finish(self, result: TuneResult) -> None:
         """The job ended: record the best config and the summary."""
 
+    def close(self) -> None:
+        """A worker process is done: what it recorded goes out; the job's summary is left to the
+        parent process, which calls :meth:`finish`."""
+
 
 def ui_url(tracking_uri: str) -> str:
     """Where the MLflow UI of a tracking URI lives: the server itself, or a local ``mlflow ui``."""
     if urlsplit(tracking_uri).scheme in ("http", "https"):
-        return tracking_uri.rstrip("/")
+        return without_credentials(tracking_uri).rstrip("/")  # a link, never a password
     return LOCAL_UI
 
 
@@ -84,36 +92,25 @@ def make_tracker(tracking: bool, tracking_uri: str | None, experiment: str,
     return MlflowTracker(tracking_uri, experiment) if tracking else Tracker()
 
 
-def _text(value: object, limit: int) -> str:
-    text = str(value)
-    return text if len(text) <= limit else text[: limit - 3] + "..."
-
-
-class _TrialRun:
-    """A trial's nested run and the metrics not sent yet."""
-
-    def __init__(self, run_id: str, params: list[Any]) -> None:
-        self.run_id = run_id
-        self.params = params  # go with the first send: one call less for a short trial
-        self.pending: list[Any] = []
-        self.sent_at = time.monotonic()
-
-
 class MlflowTracker(Tracker):
     """Records a tuning job in MLflow: a parent run for the job, a nested run per trial.
 
-    A failing tracking store never costs tuning work: it is a ``ValueError`` at :meth:`start`
-    (before any trial), and later a warning, after which this job is no longer tracked while the
-    Optuna storage keeps every result.
+    A failing store never costs tuning work. Unreachable at the start, it is a ``ValueError``
+    before any trial. Later, trials never wait for it: records are kept while it does not answer
+    and sent when it answers again; the job's end waits at most ``flush_timeout_s`` for them, then
+    says what was not sent. Any other failure is a warning, and the job goes on untracked; the
+    Optuna storage keeps every result either way.
 
     Args:
-        tracking_uri: An MLflow tracking URI. By default ``MLFLOW_TRACKING_URI`` (or
+        tracking_uri: An MLflow tracking URI (``http://user:password@host:port`` sends basic
+            auth, as MLflow's client does). By default ``MLFLOW_TRACKING_URI`` (or
             ``mlflow.set_tracking_uri``), else ``sqlite:///mlflow.db`` in the working folder with
             artifacts under ``./mlruns``, which a plain ``mlflow ui`` there shows.
         experiment: Name of the MLflow experiment, created when missing.
         flush_every_s: Seconds between sends of a running trial's params and metrics (at most
             one send an epoch, plus one at the trial's end); ``0`` sends every epoch. The nested
             run itself, named after its clip, is created when the trial starts.
+        flush_timeout_s: Seconds the job's end waits for records still unsent (a server down).
 
     Example:
         >>> tracker = MlflowTracker("sqlite:///mlflow.db", experiment="rnn-clipping")
@@ -121,24 +118,36 @@ class MlflowTracker(Tracker):
     """
 
     def __init__(self, tracking_uri: str | None = None, experiment: str = "cliptune",
-                 flush_every_s: float = 2.0) -> None:
+                 flush_every_s: float = 2.0, flush_timeout_s: float = 30.0) -> None:
         if tracking_uri is not None and (not isinstance(tracking_uri, str) or not tracking_uri):
             raise ValueError("The 'tracking_uri' parameter of MlflowTracker must be a non-empty "
-                             f"string or None. Got {tracking_uri!r} instead.")
+                             f"string or None. Got {mask_text(repr(tracking_uri))} instead.")
         if not isinstance(experiment, str) or not experiment.strip():
             raise ValueError("The 'experiment' parameter of MlflowTracker must be a non-empty "
                              f"string. Got {experiment!r} instead.")
-        if isinstance(flush_every_s, bool) or not isinstance(flush_every_s, (int, float)) or not (
-                math.isfinite(flush_every_s) and flush_every_s >= 0):
-            raise ValueError("The 'flush_every_s' parameter of MlflowTracker must be a finite "
-                             f"float >= 0. Got {flush_every_s!r} instead.")
-        self._uri_arg, self.experiment, self.flush_every_s = tracking_uri, experiment, flush_every_s
-        self.tracking_uri = tracking_uri or ""
+        self._uri_arg, self.experiment = tracking_uri, experiment
+        self.flush_every_s = check_non_negative_float(flush_every_s, "flush_every_s",
+                                                      "MlflowTracker")
+        self.flush_timeout_s = check_non_negative_float(flush_timeout_s, "flush_timeout_s",
+                                                        "MlflowTracker")
+        self._reset()
+
+    def _reset(self) -> None:
+        self.tracking_uri = self._uri_arg or ""
         self.client: Any = None
         self.experiment_id: str | None = None
         self.parent_id: str | None = None
         self.broken = False
-        self._trials: dict[int, _TrialRun] = {}
+        self._trials: dict[int, runs.TrialRun] = {}
+        self._sender: Sender | None = None
+
+    def __getstate__(self) -> dict[str, Any]:  # a worker process gets a fresh, unstarted tracker
+        return {k: self.__dict__[k] for k in ("_uri_arg", "experiment", "flush_every_s",
+                                              "flush_timeout_s")}
+
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        self.__dict__.update(state)
+        self._reset()
 
     # -- the hooks ---------------------------------------------------------------------------
 
@@ -146,188 +155,145 @@ class MlflowTracker(Tracker):
         try:
             retry_schema_races(self._connect)  # workers may open a fresh store together
         except Exception as exc:
-            raise self._unreachable(exc) from exc
-
-    def _unreachable(self, exc: Exception) -> ValueError:
-        return ValueError(f"Cannot record the tuning job in MLflow at tracking URI "
-                          f"{mask_url(self.tracking_uri)!r}: {type(exc).__name__}: "
-                          f"{mask_url(str(exc))}. Check that the store is reachable, or pass "
-                          "another tracking_uri or tracking=False.")
+            raise unreachable(self.tracking_uri, exc) from exc
 
     def start(self, study: optuna.Study, job: dict[str, Any]) -> None:
-        from mlflow.entities import Param
-
         try:
             if self.client is None:
                 retry_schema_races(self._connect)
-            self.parent_id = self._shared_parent(study)
-            if self.parent_id is None:  # the study's first worker opens the job's parent run
-                name = study.study_name  # an in-memory study's is Optuna's "no-name-<uuid>"
-                name = f"cliptune-{job.get('model')}" if name.startswith("no-name-") else name
-                run = self.client.create_run(self.experiment_id, run_name=name, tags={
-                    "cliptune.study": study.study_name, "cliptune.backend": str(job.get("backend"))})
-                self.parent_id = run.info.run_id
-                study.set_user_attr(PARENT_ATTR, self.parent_id)
-                self._send(self.parent_id,
-                           params=[Param(k, _text(v, _MAX_PARAM)) for k, v in job.items()])
+            with sqlite_lock(self.tracking_uri):
+                self.parent_id = runs.shared_parent(self.client, study, self.experiment_id,
+                                                    str(job.get("job_version", 1)))
+                if self.parent_id is None:  # the first worker of this run opens its parent run
+                    self.parent_id = runs.open_parent(self.client, study, self.experiment_id, job)
         except Exception as exc:
-            raise self._unreachable(exc) from exc
+            raise unreachable(self.tracking_uri, exc) from exc
+        remote = urlsplit(self.tracking_uri).scheme in ("http", "https")
+        self._sender = Sender(self.client, self.tracking_uri, remote)
+        self._close_orphans(study)
         self._log_links("tracking the tuning job in")
 
     def trial_started(self, trial: optuna.Trial, clip: ClipConfig, extras: dict[str, Any]) -> None:
-        self._guard(self._trial_started, trial, clip, extras)
+        if self._live():
+            run = runs.TrialRun(trial, self.parent_id, self.experiment_id, clip, extras)
+            self._trials[trial.number] = run
+            self._sender.submit(run.create)  # type: ignore[union-attr]
 
     def epoch(self, trial_number: int, epoch: int, stats: dict[str, float]) -> None:
-        self._guard(self._epoch, trial_number, epoch, stats)
+        run = self._trials.get(trial_number)
+        if run is not None and self._live():
+            run.add(epoch, stats)
+            if time.monotonic() - run.sent_at >= self.flush_every_s:
+                self._sender.submit(run.flush())  # type: ignore[union-attr]
 
     def trial_finished(self, trial_number: int, state: str, value: float | None = None,
                        reason: str | None = None, error: str | None = None) -> None:
-        self._guard(self._trial_finished, trial_number, state, value, reason, error)
+        run = self._trials.pop(trial_number, None)
+        if run is not None and self._live():  # no run: the trial failed before it started
+            tags = {"cliptune.state": state, "cliptune.prune_reason": reason,
+                    "cliptune.error": None if error is None else mask_text(error)}
+            self._sender.submit(run.close(state, value, tags))  # type: ignore[union-attr]
 
     def model_refit(self, model: Any, framework: str, sample: Any, output: Any,
                     tags: dict[str, str]) -> None:
-        self._guard(self._model_refit, model, framework, sample, output, tags)
-
-    def finish(self, result: TuneResult) -> None:
-        if self.parent_id is not None and self._guard(self._finish, result):
-            self._log_links("the tuning job is recorded in")
-
-    # -- the work behind them ----------------------------------------------------------------
-
-    def _connect(self) -> None:
-        import mlflow
-
-        if self._uri_arg is None:  # absolute: MLflow caches a store by URI, whatever the cwd
-            self.tracking_uri = (mlflow.get_tracking_uri() if mlflow.is_tracking_uri_set()
-                                 else f"sqlite:///{Path.cwd() / 'mlflow.db'}")
-        if urlsplit(self.tracking_uri).scheme in ("http", "https"):
-            probe_server(self.tracking_uri)
-        with sqlite_lock(self.tracking_uri):  # MLflow migrates a fresh store on first use
-            self.client = mlflow.MlflowClient(tracking_uri=self.tracking_uri)
-            found = self.client.get_experiment_by_name(self.experiment)
-        if found is not None and found.lifecycle_stage == "deleted":
-            raise RuntimeError(f"the experiment {self.experiment!r} is deleted; restore it "
-                               "(mlflow experiments restore) or choose another name")
-        self.experiment_id = (found.experiment_id if found is not None
-                              else self.client.create_experiment(self.experiment))
-
-    def _shared_parent(self, study: optuna.Study) -> str | None:
-        """The parent run that another worker (or an earlier run of the job) opened, if usable here."""
-        run_id = study.user_attrs.get(PARENT_ATTR)
-        if run_id is None:
-            return None
-        try:
-            run = self.client.get_run(run_id)
-        except Exception:  # tracked in another store before: open a new parent here
-            return None
-        usable = (run.info.experiment_id == self.experiment_id
-                  and run.info.lifecycle_stage != "deleted")
-        return run_id if usable else None
-
-    def _trial_started(self, trial: optuna.Trial, clip: ClipConfig, extras: dict[str, Any]) -> None:
-        from mlflow.entities import Param
-
-        tags = {"mlflow.parentRunId": self.parent_id, "cliptune.study": trial.study.study_name,
-                "optuna.trial_number": str(trial.number), "cliptune.state": "RUNNING"}
-        clip_text = clip.mode.value + ("" if clip.threshold is None else f"={clip.threshold:.4g}")
-        run = self.client.create_run(self.experiment_id, tags=tags,  # the clip shows at once
-                                     run_name=f"trial-{trial.number} {clip_text}")
-        params = {"clip_mode": clip.mode.value, "clip_threshold": clip.threshold, **extras}
-        self._trials[trial.number] = _TrialRun(run.info.run_id, [
-            Param(k, _text(v, _MAX_PARAM)) for k, v in params.items() if v is not None])
-
-    def _epoch(self, trial_number: int, epoch: int, stats: dict[str, float]) -> None:
-        from mlflow.entities import Metric
-
-        run = self._trials[trial_number]
-        now = int(time.time() * 1000)
-        run.pending.extend(Metric(k, float(v), now, epoch) for k, v in stats.items())
-        if time.monotonic() - run.sent_at >= self.flush_every_s:
-            self._send(run.run_id, metrics=run.pending, params=run.params)
-            run.pending, run.params, run.sent_at = [], [], time.monotonic()
-
-    def _trial_finished(self, trial_number: int, state: str, value: float | None,
-                        reason: str | None, error: str | None) -> None:
-        from mlflow.entities import Metric, RunTag
-
-        run = self._trials.pop(trial_number)
-        tags = {"cliptune.state": state, "cliptune.prune_reason": reason, "cliptune.error": error}
-        metrics = run.pending
-        if value is not None:
-            metrics.append(Metric("value", float(value), int(time.time() * 1000), 0))
-        self._send(run.run_id, metrics=metrics, params=run.params, tags=[
-            RunTag(k, _text(v, _MAX_TAG)) for k, v in tags.items() if v is not None])
-        self.client.set_terminated(run.run_id, _END_STATUS[state])
-
-    def _model_refit(self, model: Any, framework: str, sample: Any, output: Any,
-                     tags: dict[str, str]) -> None:
         from mlflow.entities import RunTag
 
         from cliptune._mlflow_model import log_model
 
-        uri, flavor = log_model(self.tracking_uri, self.parent_id, model, framework, sample, output)
-        self._send(self.parent_id, tags=[RunTag(k, v) for k, v in
-                                         {**tags, "cliptune.model_uri": uri}.items()])
+        if not self._live():
+            return
+        try:  # at the job's end, in this thread: MLflow's flavors need the fluent API
+            uri, flavor = log_model(self.tracking_uri, self.parent_id, model, framework, sample,
+                                    output)
+        except Exception as exc:
+            self._stop(exc)
+            return
+        self._sender.submit(lambda client: runs.send_batch(  # type: ignore[union-attr]
+            client, self.parent_id, tags=[RunTag(k, v) for k, v in
+                                          {**tags, "cliptune.model_uri": uri}.items()]))
         log.info("the refit model is logged as %s (load it with mlflow.%s.load_model)", uri, flavor)
 
-    def _finish(self, result: TuneResult) -> None:
-        from mlflow.entities import Metric, Param, RunTag
+    def finish(self, result: TuneResult) -> None:
+        if self._sender is None:
+            return
+        folder = None
+        if self._live():
+            try:
+                metrics, params, tags, folder = runs.parent_summary(result)
+            except Exception as exc:
+                self._stop(exc)
+            else:
+                self._close_orphans(result.study)
+                parent = self.parent_id
 
-        from cliptune.report import write_report
+                def close(client: Any) -> None:
+                    runs.send_batch(client, parent, metrics, params, tags)
+                    client.log_artifacts(parent, str(folder))
+                    client.set_terminated(parent, "FINISHED")
 
-        study = result.study
-        params, tags = {}, {}
-        if result.best_config is not None:
-            params = {"best_clip_mode": result.best_config.mode.value,
-                      "best_clip_threshold": result.best_config.threshold,
-                      **{f"best_{k}": v for k, v in result.best_extras.items()}}
-            tags["cliptune.best_trial"] = str(study.best_trial.number)
-        now = int(time.time() * 1000)
-        counts = {"best_value": result.best_value, "n_complete": result.n_complete,
-                  "n_pruned": result.n_pruned, "n_failed": result.n_failed}
-        self._send(self.parent_id,
-                   metrics=[Metric(k, float(v), now, 0) for k, v in counts.items() if v is not None],
-                   params=[Param(k, _text(v, _MAX_PARAM)) for k, v in params.items() if v is not None],
-                   tags=[RunTag(k, v) for k, v in tags.items()])
-        with tempfile.TemporaryDirectory(prefix="cliptune-") as tmp:
-            write_report(result, Path(tmp))
-            self.client.log_artifacts(self.parent_id, tmp)
-        self.client.set_terminated(self.parent_id, "FINISHED")
+                self._sender.submit(close)
+        self._drain()
+        if folder is not None:
+            shutil.rmtree(folder, ignore_errors=True)
 
-    def _send(self, run_id: str, metrics: list[Any] = (), params: list[Any] = (),  # type: ignore[assignment]
-              tags: list[Any] = ()) -> None:  # type: ignore[assignment]
-        """One ``log_batch`` (more only past MLflow's per-batch limits)."""
-        metrics, params, tags = list(metrics), list(params), list(tags)
-        while metrics or params or tags:
-            self.client.log_batch(run_id, metrics=metrics[:_MAX_METRICS],
-                                  params=params[:_MAX_PARAMS_TAGS], tags=tags[:_MAX_PARAMS_TAGS],
-                                  synchronous=True)
-            metrics, params = metrics[_MAX_METRICS:], params[_MAX_PARAMS_TAGS:]
-            tags = tags[_MAX_PARAMS_TAGS:]
+    def close(self) -> None:
+        if self._sender is not None:
+            self._drain(job_end=False)
 
-    def _guard(self, work: Any, *args: Any) -> bool:
-        """Run ``work``; on a failure warn once and stop tracking, so that the study goes on."""
-        if self.broken or self.parent_id is None:
+    def _drain(self, job_end: bool = True) -> None:
+        """Wait (at most ``flush_timeout_s``) for the calls still queued; say what was not sent."""
+        left = self._sender.close(self.flush_timeout_s)  # type: ignore[union-attr]
+        self._report()
+        if left or self._sender.dropped:  # type: ignore[union-attr]
+            error = self._sender.last_error  # type: ignore[union-attr]
+            why = ("MLflow's client was still trying its call" if error is None else
+                   describe(self.tracking_uri, error))
+            log.warning("MLflow at %s: %d tracking call(s) of this job were not sent in the %.0f s "
+                        "its end waits (%s), so its parent run is left RUNNING there; the next "
+                        "run of the study closes it. The Optuna study has every result.",
+                        mask_url(self.tracking_uri), left + self._sender.dropped,  # type: ignore[union-attr]
+                        self.flush_timeout_s, why)
+        elif job_end and not self.broken:
+            self._log_links("the tuning job is recorded in")
+
+    # -- connecting, and saying how the sending goes -----------------------------------------
+
+    def _connect(self) -> None:
+        self.tracking_uri, self.client, self.experiment_id = connect(self._uri_arg, self.experiment)
+
+    def _close_orphans(self, study: optuna.Study) -> None:
+        states = {t.number: t.state.name for t in study.get_trials(deepcopy=False)}
+        experiment, name = self.experiment_id, study.study_name
+        self._sender.submit(  # type: ignore[union-attr]
+            lambda client: runs.close_orphans(client, experiment, name, states))
+
+    def _live(self) -> bool:
+        """Whether to send: tracking started and not stopped; says how the sending goes."""
+        if self.broken or self.parent_id is None or self._sender is None:
             return False
-        try:
-            work(*args)
-        except Exception as exc:
-            self.broken = True
-            warnings.warn(f"MLflow tracking at {mask_url(self.tracking_uri)!r} failed "
-                          f"({type(exc).__name__}: {exc}); the rest of this tuning job is not "
-                          "tracked. The study goes on and its Optuna storage keeps every result.",
-                          RuntimeWarning, stacklevel=3)
-            return False
-        return True
+        self._report()
+        return not self.broken
+
+    def _report(self) -> None:
+        if self._sender is not None and self._sender.failure is not None and not self.broken:
+            self._stop(self._sender.failure)
+
+    def _stop(self, exc: BaseException) -> None:
+        """A failure that is not an outage: warn once and track no more; the study goes on."""
+        self.broken = True
+        warnings.warn(f"MLflow tracking at {mask_url(self.tracking_uri)!r} failed "
+                      f"({describe(self.tracking_uri, exc)}); the rest of this tuning job is not "
+                      "tracked. The study goes on and its Optuna storage keeps every result.",
+                      RuntimeWarning, stacklevel=4)
 
     def _log_links(self, what: str) -> None:
         ui = ui_url(self.tracking_uri)
-        runs = f"{ui}/#/experiments/{self.experiment_id}/runs"
+        table = f"{ui}/#/experiments/{self.experiment_id}/runs"
         hint = ""
         if ui == LOCAL_UI:
             here = self.tracking_uri == f"sqlite:///{Path.cwd() / 'mlflow.db'}"
             hint = (" (open with `mlflow ui` in this folder)" if here else
                     f" (open with `mlflow ui --backend-store-uri {mask_url(self.tracking_uri)}`)")
         log.info("%s MLflow experiment %r at %s%s\n  runs table: %s?%s\n  this job:   %s/%s?%s",
-                 what, self.experiment, mask_url(self.tracking_uri), hint, runs, ML_WORKFLOW, runs,
-                 self.parent_id, ML_WORKFLOW)
+                 what, self.experiment, mask_url(self.tracking_uri), hint, table, ML_WORKFLOW,
+                 table, self.parent_id, ML_WORKFLOW)

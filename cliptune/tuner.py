@@ -19,12 +19,14 @@ import optuna
 
 from cliptune import confirm
 from cliptune import settings as _settings
+from cliptune._faults import finish_tracking
+from cliptune._job_record import check_job, log_resumed, plan_settings, record_run
 from cliptune._optuna import storage_of
 from cliptune._study import open_study, record_job, stability_pruner
 from cliptune.first_trials import enqueue_first
 from cliptune.parallel import run_workers, worker_plan
 from cliptune.plan import Plan, plan_loop, plan_tune
-from cliptune.probe import job_params, resolve_auto
+from cliptune.probe import PROBE_ATTR, job_params, resolve_auto
 from cliptune.result import TuneResult
 from cliptune.runner import TrialRunner
 from cliptune.settings import Settings
@@ -108,9 +110,10 @@ def run(plan: Plan) -> TuneResult:
     tracker.open()  # a store that cannot be written is an error before the study exists
     pruner = stability_pruner(s.search.pruner, s.search.multi_fidelity)
     study = open_study(plan, storage, pruner)
-    plan, probe = _prepare(plan, study)
+    plan, probe, version = _prepare(plan, study)
     tracker.start(study, {**plan.job_params(), "sampler": type(study.sampler).__name__,
-                          "pruner": type(pruner.pruner).__name__, **job_params(probe)})
+                          "pruner": type(pruner.pruner).__name__, **job_params(probe),
+                          "job_version": version})
     heartbeat = s.study.heartbeat if s.study.storage is not None else None
     runner = TrialRunner(plan, pruner, tracker, heartbeat)
     progress = sys.stderr.isatty() if s.run.show_progress is None else s.run.show_progress
@@ -127,24 +130,34 @@ def run(plan: Plan) -> TuneResult:
 
             model = refit_best(study, plan, pruner.rules, tracker)
     finally:  # interrupted too: the parent run gets the best so far and is closed
-        tracker.finish(TuneResult.from_study(study))
+        finish_tracking(tracker, study)
     runner.raise_if_failed()
     result = TuneResult.from_study(study)
     result.model = model
     return result
 
 
-def _prepare(plan: Plan, study: optuna.Study) -> tuple[Plan, dict[str, Any] | None]:
-    """Before the first trial: auto ranges, the configs tried first, what the study records."""
-    s = plan.settings.search
-    space, probe = resolve_auto(plan.space, study, plan.train, s.seed, s.probe_steps)
+def _prepare(plan: Plan, study: optuna.Study) -> tuple[Plan, dict[str, Any] | None, str]:
+    """Before the first trial: a changed job refused, auto ranges, the configs tried first, what
+    the study records; the plan with its space resolved, the probe, this run's job version."""
+    s = plan.settings
+    settings = plan_settings(plan)  # a changed job is refused before any work...
+    probed = PROBE_ATTR in study.user_attrs  # ...and before a probe: recorded ranges cost nothing
+    if probed:
+        space, probe = resolve_auto(plan.space, study, plan.train, s.search.seed,
+                                    s.search.probe_steps)
+    changes = check_job(study, settings, plan.space, s.study.continue_changed)
+    log_resumed(study, None if s.study.heartbeat is None else s.study.heartbeat.grace_period)
+    if not probed:
+        space, probe = resolve_auto(plan.space, study, plan.train, s.search.seed,
+                                    s.search.probe_steps)
     plan = plan.with_space(space)
-    first = enqueue_first(study, space, s.baselines, s.warm_start, probe)
+    first = enqueue_first(study, space, s.search.baselines, s.search.warm_start, probe)
     if first:
         log.info("%d config(s) tried first: baselines and warm start (user attributes "
                  "cliptune.baseline, cliptune.transferred)", first)
     record_job(study, plan)
-    return plan, probe
+    return plan, probe, record_run(study, settings, changes)
 
 
 def _confirm(plan: Plan, runner: TrialRunner, study: optuna.Study) -> None:

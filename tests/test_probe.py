@@ -121,7 +121,8 @@ def test_a_resumed_study_reuses_the_recorded_ranges(tmp_path: Path,
     caplog.clear()
     with monkeypatch.context() as patch:
         patch.setattr(cliptune.probe, "probe_gradients", no_probe)
-        again = _tune(storage=storage, study_name="s", n_trials=4, seed=1, lr=0.01)  # other data
+        again = _tune(storage=storage, study_name="s", n_trials=4, seed=1, lr=0.01,  # other data
+                      continue_changed=True)
     assert again.study.user_attrs[PROBE_ATTR] == recorded and len(again.study.trials) == 4
     for trial in again.study.trials:
         mode = trial.params["clip_mode"]

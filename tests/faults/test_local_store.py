@@ -1,0 +1,49 @@
+"""Issue 15.8: workers on one machine track reliably on the default local store (sqlite).
+
+Four workers run while another process holds the store locked for longer than MLflow waits for
+a busy sqlite store (20 s), as a long query of ``mlflow ui`` or a backup can: the store refuses a
+write with "database is locked". The trials go on, and once the store is free every record of
+every worker is in it. The lock is released only after the store has refused a write.
+"""
+
+from __future__ import annotations
+
+import sqlite3
+from pathlib import Path
+
+import pytest
+from optuna.trial import TrialState
+
+from tests.faults._support import JOB, load, marker, mlflow_runs, start_cli, wait_for, write_job
+from tests.faults._support import finish as finish_cli
+
+pytestmark = pytest.mark.faults
+
+
+def test_four_workers_track_every_trial_though_the_store_is_locked(tmp_path: Path) -> None:
+    write_job(tmp_path, JOB.replace("n_trials: 6", "n_trials: 8").replace("enabled: false",
+                                                                          "enabled: true"))
+    job = start_cli(tmp_path, "tune", "job.yaml", "--workers", "4", block="0,1,2,3")
+    wait_for(lambda: all(marker(tmp_path, f"blocked-{n}") for n in range(4)),
+             "four workers in a trial", job, timeout=300)
+    assert len({marker(tmp_path, f"blocked-{n}") for n in range(4)}) == 4
+    store = sqlite3.connect(tmp_path / "mlflow.db", isolation_level=None, timeout=60)
+    store.execute("BEGIN EXCLUSIVE")  # another process holds the store
+    try:
+        (tmp_path / "release").touch()
+        wait_for(lambda: "database is locked" in (tmp_path / "err.txt").read_text(),
+                 "the store refusing a write", job, timeout=300)
+        wait_for(lambda: all(marker(tmp_path, f"started-{n}") for n in range(8)),
+                 "every trial starting while the store is locked", job, timeout=300)
+    finally:
+        store.execute("COMMIT")
+        store.close()
+    code, _, err = finish_cli(job, tmp_path, timeout=300)
+    assert code == 0, err
+    assert "not tracked" not in err and "Traceback" not in err
+    assert [t.state for t in load(tmp_path).trials] == [TrialState.COMPLETE] * 8
+    parents, runs = mlflow_runs(tmp_path)
+    assert [p.info.status for p in parents] == ["FINISHED"]
+    assert sorted(runs) == list(range(8)) and {r.info.status for r in runs.values()} == {"FINISHED"}
+    assert all(r.data.metrics["value"] == pytest.approx(1 / (n + 1), abs=0.01)
+               for n, r in runs.items())
