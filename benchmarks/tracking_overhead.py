@@ -1,27 +1,29 @@
 """MLflow tracking overhead per trial on the local sqlite store (the default ``tune(tracking=True)``).
 
-Why: every trial gets a nested run that is created at its start, logs its params, its 5 per-epoch
-metrics and its end tags, and is ended; that must cost little next to the trial itself. MLflow's
-per-call cost on sqlite (a transaction each) is why cliptune batches.
+Why: every trial gets a nested run that is created at its start, logs its params, its per-epoch
+metrics and its end tags, and is ended; that must cost the trial little. MLflow's per-call cost
+on sqlite (a transaction each) is why cliptune batches, and a slow or absent server is why the
+calls run in a background sender (``cliptune._mlflow_sender``): a trial only queues them.
 
-Two measurements, each the median over interleaved repeats, against one parent run:
+Measurements, each the median over interleaved repeats:
 
-- ``hooks_ms``: the tracker's hooks alone for one trial of 50 epochs (create the nested run, log
-  params, 50 epochs of 5 metrics, tags, end), i.e. the tracking overhead in milliseconds.
-- ``trial_ms`` and ``ratio``: a whole 50-epoch trial of a small MLP through ``TorchBackend.train``
-  and a real ``TrialMonitor``, tracked this way versus the same trial untracked (no-op Tracker).
+- ``hooks_ms``: the tracker's hooks for one trial of 50 epochs on the trial's thread (create the
+  nested run, 50 epochs of metrics, tags, end): what tracking holds a trial up.
+- ``delivered_ms``: the same trial's calls until they are all in the store: a fresh tracker's
+  start, the hooks and its close (which waits for the sender), minus the same without a trial.
+- ``trial_ms`` and ``ratio``: a whole 50-epoch trial of a small MLP in cliptune's loop with a real
+  ``Trial``, tracked (the sender working beside it) versus untracked (no-op Tracker).
 
-Variants: ``MlflowTracker`` as shipped (metrics sent every ``flush_every_s=2`` s, so a fast trial
-sends them once at its end, with its params), ``flush_every_s=0`` (one ``log_batch`` per epoch), and the naive
-one ``log_metric`` call per value, for comparison (its hooks only: it takes seconds a trial).
+Variants: ``MlflowTracker`` as shipped (a trial's metrics go out every ``flush_every_s=2`` s, so
+a fast trial sends them once at its end, with its params) and ``flush_every_s=0`` (one
+``log_batch`` per epoch).
 
-    python -m benchmarks.tracking_overhead
+    python -m benchmarks tracking_overhead
 """
 
 from __future__ import annotations
 
 import tempfile
-import time
 from collections.abc import Callable
 from typing import Any
 
@@ -31,38 +33,18 @@ from benchmarks._common import interleaved, median, report, setup_torch, target
 
 EPOCHS = 50
 GOAL_MS = 50.0
-NAIVE = "mlflow, log_metric per value"  # timed for its hooks only (it takes seconds a trial)
 STATS = {"train_loss": 0.5, "val_loss": 0.6, "grad_norm_mean": 1.2, "grad_norm_max": 3.4,
-         "clip_fraction": 0.25}
+         "grad_norm_postclip_mean": 1.0, "clip_coef_mean": 0.8, "clip_fraction": 0.25}
+FLUSH = {"mlflow (shipped)": 2.0, "mlflow, log_batch per epoch": 0.0}
 
 
-def _per_value_tracker(base: Any) -> Any:
-    """The naive tracker: one ``log_metric`` call per value (what cliptune avoids)."""
+def _tracker(uri: str, study: Any, flush: float) -> Any:
     from cliptune.tracking import MlflowTracker
 
-    class PerValue(MlflowTracker):
-        def _epoch(self, trial_number: int, epoch: int, stats: dict[str, float]) -> None:
-            run_id = self._trials[trial_number].run_id
-            for key, value in stats.items():
-                self.client.log_metric(run_id, key, value, step=epoch, synchronous=True)
-
-    tracker = PerValue(base.tracking_uri, base.experiment)
-    tracker.client, tracker.experiment_id, tracker.parent_id = (
-        base.client, base.experiment_id, base.parent_id)
+    tracker = MlflowTracker(uri, "tracking-overhead", flush_every_s=flush)
+    tracker.open()
+    tracker.start(study, {"benchmark": "tracking_overhead", "epochs": EPOCHS})
     return tracker
-
-
-def _trackers(uri: str, study: Any) -> dict[str, Any]:
-    from cliptune.tracking import MlflowTracker, Tracker
-
-    shipped = MlflowTracker(uri, "tracking-overhead")
-    shipped.start(study, {"benchmark": "tracking_overhead", "epochs": EPOCHS})
-    per_epoch = MlflowTracker(uri, "tracking-overhead", flush_every_s=0)
-    per_epoch.client, per_epoch.experiment_id, per_epoch.parent_id = (
-        shipped.client, shipped.experiment_id, shipped.parent_id)
-    return {"untracked": Tracker(), "mlflow (shipped)": shipped,
-            "mlflow, log_batch per epoch": per_epoch,
-            NAIVE: _per_value_tracker(shipped)}
 
 
 def hooks_only(tracker: Any, study: Any) -> None:
@@ -77,6 +59,14 @@ def hooks_only(tracker: Any, study: Any) -> None:
         tracker.epoch(trial.number, epoch, STATS)
     tracker.trial_finished(trial.number, "COMPLETE", value=0.6)
     study.tell(trial, 0.6)
+
+
+def delivered(uri: str, study: Any, flush: float, with_trial: bool) -> None:
+    """A fresh tracker's start, one trial's hooks (or none), its close: all delivered."""
+    tracker = _tracker(uri, study, flush)
+    if with_trial:
+        hooks_only(tracker, study)
+    tracker.close()
 
 
 def whole_trial(tracker: Any, study: Any, splits: Any, model_fn: Callable[[], Any]) -> None:
@@ -113,34 +103,40 @@ def _task() -> tuple[Any, Callable[[], Any]]:
 def run(repeats: int = 15, out_dir: Any = None) -> dict[str, Any]:
     import optuna
 
+    from cliptune.tracking import Tracker
+
     setup_torch()
     splits, model_fn = _task()
     with tempfile.TemporaryDirectory(prefix="cliptune-bench-") as tmp:
         uri = f"sqlite:///{tmp}/mlflow.db"
         study = optuna.create_study(pruner=optuna.pruners.NopPruner())
-        trackers = _trackers(uri, study)
+        trackers = {"untracked": Tracker(), **{n: _tracker(uri, study, f) for n, f in FLUSH.items()}}
         hooks = interleaved({n: (lambda t=t: hooks_only(t, study)) for n, t in trackers.items()},
                             repeats)
         trials = interleaved({n: (lambda t=t: whole_trial(t, study, splits, model_fn))
-                              for n, t in trackers.items() if n != NAIVE}, repeats)
-        started = time.perf_counter()
-        trackers["mlflow (shipped)"].finish(study)
-        finish_ms = (time.perf_counter() - started) * 1000
+                              for n, t in trackers.items()}, repeats)
+        ends = interleaved({f"{n}/{w}": (lambda f=f, w=w: delivered(uri, study, f, w))
+                            for n, f in FLUSH.items() for w in (True, False)}, max(5, repeats // 3))
+        for tracker in trackers.values():
+            tracker.close()
     untracked = median(trials["untracked"])
     rows = [{"variant": name, "hooks_ms": median(hooks[name]) * 1000,
-             "trial_ms": median(trials[name]) * 1000 if name in trials else None,
-             "ratio": median(trials[name]) / untracked if name in trials else None}
+             "delivered_ms": (median(ends[f"{name}/True"]) - median(ends[f"{name}/False"])) * 1000
+             if name in FLUSH else None,
+             "trial_ms": median(trials[name]) * 1000, "ratio": median(trials[name]) / untracked}
             for name in trackers]
-    shipped = rows[1]["hooks_ms"]
-    targets = [target("tracking overhead per trial, ms (shipped)", shipped, f"< {GOAL_MS:g}",
-                      shipped < GOAL_MS)]
+    shipped = rows[1]
+    targets = [target("tracking overhead per trial, ms on the trial's thread (shipped)",
+                      shipped["hooks_ms"], f"< {GOAL_MS:g}", shipped["hooks_ms"] < GOAL_MS),
+               target("a trial's calls delivered to the store, ms (shipped)",
+                      shipped["delivered_ms"], f"< {GOAL_MS:g}", shipped["delivered_ms"] < GOAL_MS)]
     meta = {"repeats": repeats, "epochs": EPOCHS, "store": "sqlite (local file)",
             "trial": "MLP 8-32-1, 512 train rows, batch 64, sgd, global_norm 1.0",
-            "parent_finish_ms": finish_ms,
-            "timing": "median of interleaved repeats; hooks_ms = tracker calls alone"}
+            "timing": "median of interleaved repeats; hooks_ms on the trial's thread"}
     kwargs = {} if out_dir is None else {"out_dir": out_dir}
     return report("tracking_overhead", "MLflow tracking overhead per trial (sqlite)", rows,
-                  ["variant", "hooks_ms", "trial_ms", "ratio"], targets, meta, **kwargs)
+                  ["variant", "hooks_ms", "delivered_ms", "trial_ms", "ratio"], targets, meta,
+                  **kwargs)
 
 
 if __name__ == "__main__":

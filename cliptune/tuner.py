@@ -152,12 +152,13 @@ def _prepare(plan: Plan, study: optuna.Study) -> tuple[Plan, dict[str, Any] | No
         space, probe = resolve_auto(plan.space, study, plan.train, s.search.seed,
                                     s.search.probe_steps)
     plan = plan.with_space(space)
+    record_job(study, plan)
+    version = record_run(study, settings, changes)  # from the next trial on
     first = enqueue_first(study, space, s.search.baselines, s.search.warm_start, probe)
     if first:
         log.info("%d config(s) tried first: baselines and warm start (user attributes "
                  "cliptune.baseline, cliptune.transferred)", first)
-    record_job(study, plan)
-    return plan, probe, record_run(study, settings, changes)
+    return plan, probe, version
 
 
 def _confirm(plan: Plan, runner: TrialRunner, study: optuna.Study) -> None:

@@ -36,9 +36,10 @@ def _sampled(study: optuna.Study) -> list[tuple[tuple[str, object], ...]]:
 
 
 def _seeded_job(folder: Path, n_trials: int) -> None:
+    """Every trial sampled (no baselines, whose configs are fixed, not sampled)."""
     (folder / "space.yaml").write_text(SPACE)
     write_job(folder, JOB.replace("search_space: default", "search_space: space.yaml")
-              .replace("n_trials: 6", f"n_trials: {n_trials}"))
+              .replace("n_trials: 6", f"n_trials: {n_trials}") + "baselines: false\n")
 
 
 def test_a_killed_seeded_job_samples_new_points_when_it_is_run_again(tmp_path: Path) -> None:
