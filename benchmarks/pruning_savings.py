@@ -8,7 +8,11 @@ task (``benchmarks/tasks.py``):
 - ``off``: ``StabilityPruner(NopPruner(), rules=None)``: every trial trains to its last epoch (an
   exploded one ends FAIL with a NaN value);
 - ``rules``: ``StabilityPruner(NopPruner())``: the stability rules alone;
-- ``default``: ``StabilityPruner()``: the rules and the MedianPruner, what ``tune()`` uses.
+- ``default``: ``StabilityPruner()``: the rules (``plateaued`` included) and the MedianPruner
+  from the first epoch, what ``tune()`` uses.
+
+Baselines are on in all three, the confirmation re-runs off (they are the same in all three, and
+``search_quality`` counts them).
 
 Training steps are counted as forward passes in training mode (a hook on the model, outside
 cliptune). Once a trial is pruned the sampler sees a PRUNED trial instead of a FAIL one, so the
@@ -24,7 +28,7 @@ from collections import Counter
 from typing import Any
 
 from benchmarks._common import median, report, setup_torch, target
-from benchmarks.tasks import TASKS, Task, counting
+from benchmarks.tasks import TASKS, LoopTask, Task, counting
 
 N_TRIALS = 30
 
@@ -45,10 +49,14 @@ def study(task: Task, kind: str, n_trials: int, seed: int = 0) -> dict[str, Any]
     import cliptune
 
     start = time.perf_counter()
-    with counting(task) as steps:
-        result = cliptune.tune(task.counted_model_fn(), task.data, **task.tune_kwargs(),
-                               n_trials=n_trials, seed=seed, pruner=_pruner(kind), tracking=False,
-                               show_progress=False)
+    common = {"n_trials": n_trials, "seed": seed, "pruner": _pruner(kind), "tracking": False,
+              "show_progress": False, "confirm": 0}  # the pruning alone
+    with counting(task, checked=not isinstance(task, LoopTask)) as steps:
+        if isinstance(task, LoopTask):
+            result = cliptune.tune_loop(task.counted_train(), metric=task.metric, **common)
+        else:
+            result = cliptune.tune(task.counted_model_fn(), task.data,
+                                   **{**task.tune_kwargs(), **common})
     reasons = Counter(t.user_attrs.get("prune_reason", "unpromising")
                       for t in result.study.get_trials(deepcopy=False) if t.state.name == "PRUNED")
     return {"steps": steps[0], "seconds": time.perf_counter() - start,

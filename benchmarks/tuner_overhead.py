@@ -94,7 +94,8 @@ def _tune(kind: str, tracking: bool, folder: Path, mlflow_db: Path) -> Any:
         return cliptune.tune(_model, _data(), epochs=EPOCHS, batch_size=64, n_trials=N_TRIALS,
                              seed=0, storage=_storage(kind, folder), study_name="bench",
                              tracking=tracking, tracking_uri=f"sqlite:///{mlflow_db}",
-                             experiment=f"bench-{folder.name}", show_progress=False)
+                             experiment=f"bench-{folder.name}", show_progress=False,
+                             baselines=False, confirm=0)  # trial for trial what the bare loop runs
 
 
 Script = list[tuple[list[float], bool]]  # per trial: its reported values, whether it was pruned

@@ -23,7 +23,7 @@ from cliptune.storage import storage_label
 
 _MAXIMIZED = ("val_accuracy",)
 _SCORE_WORDS = re.compile(r"acc|auc|f1|precision|recall|score|reward|bleu|rouge|map\b|r2")
-SMALL_MODEL = 1_000_000  # parameters below which a trial trains on one thread (see settings)
+SMALL_MODEL = 100_000  # parameters below which a trial trains on one thread (benchmarks/threads.py)
 
 
 @dataclass(frozen=True)

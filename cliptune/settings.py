@@ -59,7 +59,7 @@ class Training:
                            "device", BUILT_IN)
     threads: int | None = _setting(
         None, c.optional(c.positive_int), "Intra-op threads of torch or TensorFlow in each "
-        "worker. None: one for a model under 1M parameters (small models train faster on one "
+        "worker. None: one for a model under 100k parameters (small models train faster on one "
         "thread, and far faster on a busy machine), else the cores shared by the workers.",
         "threads", BUILT_IN)
     metrics: dict[str, Any] = _setting(

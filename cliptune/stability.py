@@ -52,9 +52,9 @@ class StabilityRules:
     window: int = 50
     warmup_steps: int = 10
     max_skipped_steps: int = 25
-    plateau_epochs: int = 2
+    plateau_epochs: int = 3
     plateau_tolerance: float = 0.01
-    plateau_factor: float = 1.5
+    plateau_factor: float = 2.0
 
     def __post_init__(self) -> None:
         for name in ("divergence_factor", "spike_z", "spike_min_rise", "plateau_tolerance",
@@ -112,10 +112,11 @@ class StabilityPruner(BasePruner):
     end, a non-finite intermediate value prunes, and anything else goes to the wrapped pruner.
 
     Args:
-        pruner: Pruner for unpromising trials; ``MedianPruner(n_startup_trials=4,
-            n_warmup_steps=0)`` by default (a trial worse than the median of the complete ones
-            at the same epoch stops there; measured in ``benchmarks/search_quality.py``). Pass
-            ``optuna.pruners.NopPruner()`` to keep only the stability rules.
+        pruner: Pruner for unpromising trials; ``MedianPruner(n_startup_trials=5,
+            n_warmup_steps=1)`` by default (no verdict on a first, noisy epoch: pruning from the
+            first epoch saved more steps but lost up to 30% of the best value in
+            ``benchmarks/pruning_savings.py``). Pass ``optuna.pruners.NopPruner()`` to keep only
+            the stability rules.
         rules: The stability thresholds, or ``None`` to switch the stability rules off.
 
     Example:
@@ -131,8 +132,8 @@ class StabilityPruner(BasePruner):
         if rules is not None and not isinstance(rules, StabilityRules):
             raise TypeError("The 'rules' parameter of StabilityPruner must be StabilityRules or "
                             f"None. Got {type(rules).__name__} instead.")
-        self.pruner = pruner if pruner is not None else MedianPruner(n_startup_trials=4,
-                                                                     n_warmup_steps=0)
+        self.pruner = pruner if pruner is not None else MedianPruner(n_startup_trials=5,
+                                                                     n_warmup_steps=1)
         self.rules = rules
         self.reason: str | None = None  # of the last verdict, for the trial's monitor
 

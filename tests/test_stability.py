@@ -199,15 +199,18 @@ def test_a_flat_trial_far_above_the_best_at_the_same_epoch_is_plateaued() -> Non
     """A dead net (flat at chance) stops with its reason; a slow but improving one does not."""
     study = optuna.create_study(pruner=StabilityPruner(optuna.pruners.NopPruner()))
     best = study.ask()
-    for epoch, value in enumerate([1.0, 0.5, 0.3, 0.2]):
+    for epoch, value in enumerate([1.0, 0.5, 0.3, 0.2, 0.15]):
         best.report(value, epoch)
-    study.tell(best, 0.2)
+    study.tell(best, 0.15)
     slow = TrialMonitor(study.ask(), StabilityRules())
-    for epoch, value in enumerate([2.0, 1.6, 1.3, 1.1]):  # worse, but still learning
+    for epoch, value in enumerate([2.0, 1.6, 1.3, 1.1, 0.9]):  # worse, but still learning
         slow.epoch(epoch, {"val_loss": value})
+    flat_near = TrialMonitor(study.ask(), StabilityRules())
+    for epoch in range(5):  # flat, but not 2x the best: the median pruner's to judge
+        flat_near.epoch(epoch, {"val_loss": 0.28})
     dead = TrialMonitor(study.ask(), StabilityRules())
-    dead.epoch(0, {"val_loss": 2.30})
-    dead.epoch(1, {"val_loss": 2.29})
-    with pytest.raises(optuna.TrialPruned, match="plateaued: val_loss=2.3 at epoch 2"):
-        dead.epoch(2, {"val_loss": 2.30})
+    for epoch in range(3):
+        dead.epoch(epoch, {"val_loss": 2.30})
+    with pytest.raises(optuna.TrialPruned, match="plateaued: val_loss=2.3 at epoch 3"):
+        dead.epoch(3, {"val_loss": 2.30})
     assert study.trials[-1].user_attrs["prune_reason"] == "plateaued"

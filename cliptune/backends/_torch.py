@@ -87,13 +87,16 @@ def batches(data: Any, batch_size: int, device: str, shuffle: bool,
     if isinstance(data, tuple):
         X, y = data
         n = len(X)
-        order = torch.randperm(n, generator=generator, device="cpu") if shuffle else None
-        for start in range(0, n, batch_size):
-            if order is None:
+        if not shuffle:
+            for start in range(0, n, batch_size):
                 yield X[start:start + batch_size], y[start:start + batch_size]
-            else:
-                idx = order[start:start + batch_size].to(X.device)
-                yield X[idx], y[idx]
+            return
+        order = torch.randperm(n, generator=generator, device="cpu")
+        if X.device.type != "cpu":
+            order = order.to(X.device)
+        for start in range(0, n, batch_size):
+            idx = order[start:start + batch_size]
+            yield X[idx], y[idx]
         return
     loader = data
     if not isinstance(data, torch.utils.data.DataLoader):

@@ -74,18 +74,23 @@ def scale_(grads: list[Tensor], scale: Tensor) -> None:
 
 def _scale_each_(grads: list[Tensor], scales: Tensor) -> None:
     """Multiply each gradient in place by its own scale."""
+    first = grads[0]
+    if all(g.dtype == first.dtype and g.device == first.device for g in grads):
+        torch._foreach_mul_(grads, list(scales.to(first.device).unbind()))
+        return
     by_id = dict(zip((id(g) for g in grads), scales.unbind(), strict=True))
     for group in _groups(grads):
         device = group[0].device
         torch._foreach_mul_(group, [by_id[id(g)].to(device) for g in group])
 
 
-def _clamp_(grads: list[Tensor], t: float) -> tuple[Tensor, Tensor, Tensor]:
+def _clamp_(grads: list[Tensor], t: float, post: bool) -> tuple[Tensor, Tensor, Tensor]:
     """Value clip, one tensor at a time so that it is read from memory once and then from cache.
 
-    Per tensor: its min and max (whether the clamp changes anything), its norm, the clamp, its
-    norm after the clamp (from cache). On CPU this is ~9x faster than a foreach inf-norm (a slow
-    kernel there) at 10M parameters (benchmarks/clip_kernels.py).
+    Per tensor: its min and max (whether the clamp changes anything), its norm, the clamp, and
+    with ``post`` its norm after the clamp (from cache; else the post-clip norm is the pre-clip
+    one, unused). On CPU this is ~9x faster than a foreach inf-norm (a slow kernel there) at 10M
+    parameters (benchmarks/clip_kernels.py).
     """
     acc = accumulation_dtype(grads)
     device = grads[0].device
@@ -99,20 +104,26 @@ def _clamp_(grads: list[Tensor], t: float) -> tuple[Tensor, Tensor, Tensor]:
         norms.append(torch._foreach_norm([g], 2, dtype=dtype)[0].to(device=device, dtype=acc))
         changed.append(((hi > t) | (lo < -t)).to(device))
         g.clamp_(-t, t)
-        after.append(torch._foreach_norm([g], 2, dtype=dtype)[0].to(device=device, dtype=acc))
-    return (torch.linalg.vector_norm(torch.stack(norms)),
-            torch.linalg.vector_norm(torch.stack(after)), torch.stack(changed).any())
+        if post:
+            after.append(torch._foreach_norm([g], 2, dtype=dtype)[0].to(device=device, dtype=acc))
+    total = torch.linalg.vector_norm(torch.stack(norms))
+    return (total, torch.linalg.vector_norm(torch.stack(after)) if post else total,
+            torch.stack(changed).any())
 
 
-def clip_stats_(grads: list[Tensor], clip: ClipConfig) -> tuple[Tensor, Tensor, Tensor]:
+def clip_stats_(grads: list[Tensor], clip: ClipConfig, post: bool = True
+                ) -> tuple[Tensor, Tensor, Tensor]:
     """Clip ``grads`` in place; the pre-clip and post-clip global L2 norms, and whether anything
-    changed, as tensors on the gradients' device (no sync). ``grads`` holds each tensor once."""
+    changed, as tensors on the gradients' device (no sync). ``grads`` holds each tensor once.
+
+    The post-clip norm is free but for ``value``, where it costs a second read of each tensor:
+    ``post=False`` skips it (it is then the pre-clip norm)."""
     if not grads:
         zero = torch.zeros((), dtype=torch.float32)
         return zero, zero, zero.bool()
     mode, t = clip.mode, clip.threshold
     if mode is ClipMode.VALUE:
-        return _clamp_(grads, t)  # type: ignore[arg-type]
+        return _clamp_(grads, t, post)  # type: ignore[arg-type]
     norms = tensor_norms(grads)
     total = torch.linalg.vector_norm(norms)
     if mode is ClipMode.NONE:
@@ -131,7 +142,7 @@ def clip_tensors_(grads: list[Tensor], clip: ClipConfig) -> tuple[Tensor, Tensor
     Both results stay tensors on the gradients' device, so a caller can read them without forcing
     a device sync every step. ``grads`` must hold each tensor once.
     """
-    total, _, changed = clip_stats_(grads, clip)
+    total, _, changed = clip_stats_(grads, clip, post=False)
     return total, changed
 
 
