@@ -116,9 +116,16 @@ class TrialRun:
             self._pending.append(Metric("value", float(value), int(time.time() * 1000), 0))
         metrics, params = self._pending, self._params
         run_tags = [RunTag(k, text(v, MAX_TAG)) for k, v in tags.items() if v is not None]
+        # The runs table shows a run's name and a status icon that is the same for a pruned and
+        # a failed run: the name says how the trial ended ("... · pruned: spiking").
+        ended = {"COMPLETE": "", "PRUNED": " · pruned", "FAIL": " · failed"}[state]
+        reason = tags.get("cliptune.prune_reason")
+        name = self._name + ended + (f": {reason}" if state == "PRUNED" and reason else "")
 
         def close(client: Any) -> None:
             send_batch(client, self.run_id, metrics, params, run_tags)
+            if name != self._name:
+                client.update_run(self.run_id, name=name)
             client.set_terminated(self.run_id, END_STATUS[state])
 
         return close

@@ -95,8 +95,8 @@ def _log_axis(ax: Axes, axis: str) -> None:
     target = ax.yaxis if axis == "y" else ax.xaxis
 
     def minor(value: float, _: int) -> str:
-        low, high = sorted(target.get_view_interval())
-        if low <= 0 or math.log10(high / low) >= 1:
+        low, high = target.get_view_interval()
+        if low <= 0 or high <= 0 or abs(math.log10(high / low)) >= 1:
             return ""
         mantissa = round(value / 10 ** math.floor(math.log10(value) + 1e-9), 6)
         return f"{value:g}" if mantissa in _MINOR_LABELS else ""

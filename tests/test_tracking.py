@@ -93,6 +93,10 @@ def check_job_record(client: Any, result: cliptune.TuneResult, tmp_path: Path) -
         expected = {"ok": ("COMPLETE", "FINISHED"), "explode": ("PRUNED", "KILLED"),
                     "fail": ("FAIL", "FAILED")}[case]
         assert (tags["cliptune.state"], run.info.status) == expected
+        ending = {"ok": "", "explode": " · pruned: nonfinite", "fail": " · failed"}[case]
+        assert run.info.run_name.startswith(f"trial-{trial.number} ")  # how it ended, in the table
+        assert run.info.run_name.endswith(ending) and (ending or "·" not in run.info.run_name)
+        assert "**before** the clip" in tags["mlflow.note.content"]  # the run's description
         if case == "ok":
             for key in CHILD_METRICS:
                 history = client.get_metric_history(run.info.run_id, key)
