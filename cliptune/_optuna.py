@@ -7,13 +7,39 @@
 - whether a parameter's new distribution can join a study's earlier trials
   (``optuna.distributions.check_distribution_compatibility``, marked as not for users);
 - the random state of the TPE sampler and of its start-up random sampler (``_rng``), set per
-  trial so that a continued or shared study keeps sampling new points (see :mod:`cliptune._study`).
+  trial so that a continued or shared study keeps sampling new points (see :mod:`cliptune._study`);
+- the name and wording of the warnings ``study.optimize`` logs for a failed trial, to keep quiet
+  about a surplus trial (see :mod:`cliptune.runner`), which fails by design and runs nothing.
 """
 
 from __future__ import annotations
 
+import logging
+
 import optuna
 from optuna.storages import BaseStorage
+
+
+class _QuietFailures(logging.Filter):
+    """Drops Optuna's "Trial N failed ..." warnings (and traceback) for the trials named."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.prefixes: set[str] = set()
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return not record.getMessage().startswith(tuple(self.prefixes))
+
+
+_quiet_failures = _QuietFailures()
+
+
+def quiet_failure(number: int) -> None:
+    """Keep Optuna from logging trial ``number``'s failure: it is expected, not the user's."""
+    logger = logging.getLogger("optuna.study._optimize")
+    if _quiet_failures not in logger.filters:
+        logger.addFilter(_quiet_failures)
+    _quiet_failures.prefixes.add(f"Trial {number} failed ")
 
 
 def storage_of(study: optuna.Study) -> BaseStorage:

@@ -23,7 +23,7 @@ from optuna.trial import FrozenTrial, TrialState
 from cliptune._errors import StorageError, UsageError
 from cliptune._faults import retry_interrupted, storage_error
 from cliptune._job_record import job_version
-from cliptune._optuna import n_trials_of, storage_of
+from cliptune._optuna import n_trials_of, quiet_failure, storage_of
 from cliptune._study import load_study, stability_pruner
 from cliptune.confirm import is_rerun
 from cliptune.monitor import TrialMonitor
@@ -93,6 +93,7 @@ class TrialRunner:
         if (trial.number >= self.total and trial.user_attrs.get("cliptune.confirms") is None
                 and self._is_surplus(trial)):  # fewer earlier trials: never; a re-run: never
             trial.set_user_attr(SURPLUS_ATTR, True)
+            quiet_failure(trial.number)
             raise SurplusTrial(f"trial {trial.number} is beyond the study's total of {self.total}")
         self.n_ran += 1
         self._current = trial.number

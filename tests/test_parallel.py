@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 import os
 import signal
 import subprocess
@@ -271,3 +272,39 @@ def test_unreachable_database_is_one_clear_error_with_exit_2(tmp_path: Path) -> 
     assert len(lines) == 1 and "Cannot open the Optuna storage 'postgresql://bob:***@127.0.0.1:1/none'" \
         in lines[0], out.stderr
     assert "hunter2" not in out.stderr
+
+
+class _Records(logging.Handler):
+    def __init__(self) -> None:
+        super().__init__()
+        self.lines: list[str] = []
+
+    def emit(self, record: logging.LogRecord) -> None:
+        self.lines.append(self.format(record))
+
+
+def test_a_surplus_trial_fails_quietly_and_does_not_count(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Two workers can create a trial for the last slot at once; the later one is recorded FAIL
+    without running, and neither Optuna's warning nor a traceback reaches the user."""
+    from cliptune.plan import plan_loop
+    from cliptune.runner import SurplusTrial, TrialRunner
+    from cliptune.settings import Settings
+    from cliptune.tracking import Tracker
+
+    ran: list[int] = []
+    plan = plan_loop(lambda trial: ran.append(trial.number),
+                     Settings.from_kwargs("tune_loop", {"n_trials": 1, "tracking": False}))
+    study = optuna.create_study()
+    study.add_trial(optuna.trial.create_trial(value=1.0))  # the other worker took the last slot
+    runner = TrialRunner(plan, cliptune.StabilityPruner(), Tracker(), None)
+    records = _Records()
+    monkeypatch.setattr(logging.getLogger("optuna"), "handlers", [records])
+    monkeypatch.setattr(logging.getLogger("optuna"), "level", logging.WARNING)
+    with pytest.raises(SurplusTrial):
+        study.optimize(runner, n_trials=1)
+    surplus = study.trials[1]
+    assert surplus.state is optuna.trial.TrialState.FAIL and surplus.user_attrs[SURPLUS_ATTR]
+    assert ran == [] and counts_toward_total(study.trials) == 1
+    assert not any("Trial 1 failed" in line or "Traceback" in line for line in records.lines)
+    study.optimize(lambda trial: float("nan"), n_trials=1)  # other failures are still reported
+    assert any(line.startswith("Trial 2 failed") for line in records.lines)
