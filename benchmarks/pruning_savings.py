@@ -119,8 +119,8 @@ def run(n_trials: int = N_TRIALS, tasks: tuple[str, ...] = tuple(TASKS),
     kwargs = {} if out_dir is None else {"out_dir": out_dir}
     return report("pruning_savings", f"Pruning savings ({n_trials} seeded trials)", rows,
                   ["task", "pruning", "steps", "steps_vs_off", "best_value", "best_vs_off",
-                   "complete", "pruned", "failed", "prune_reasons", "plateau_replay", "seconds"], targets, meta,
-                  **kwargs)
+                   "complete", "pruned", "failed", "prune_reasons", "plateau_replay", "seconds"],
+                  targets, meta, **kwargs)
 
 
 if __name__ == "__main__":
