@@ -66,17 +66,19 @@ def candidates(study: optuna.Study, k: int) -> list[FrozenTrial]:
     return out if len(out) > 1 else []
 
 
-def enqueue_reruns(study: optuna.Study, k: int, seeds: int) -> int:
-    """Enqueue the re-runs the best ``k`` configs still lack; how many."""
+def enqueue_reruns(study: optuna.Study, k: int, seeds: int) -> tuple[int, int]:
+    """Enqueue the re-runs the best ``k`` configs still lack; how many configs (up to ``k``: those
+    within reach of the best) and how many re-runs."""
     trials = study.get_trials(deepcopy=False)
     added = 0
-    for candidate in candidates(study, k):
+    found = candidates(study, k)
+    for candidate in found:
         have = sum(1 for t in trials if t.user_attrs.get(CONFIRMS_ATTR) == candidate.number)
         for _ in range(seeds - have):
             study.enqueue_trial(dict(candidate.params),
                                 user_attrs={CONFIRMS_ATTR: candidate.number})
             added += 1
-    return added
+    return len(found), added
 
 
 def _value(trial: FrozenTrial, sign: float) -> float:

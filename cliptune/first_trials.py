@@ -67,8 +67,12 @@ def _from_study(study: optuna.Study, label: str) -> list[tuple[str, dict[str, An
     return [(f"{label}#{t.number}", dict(t.params)) for t in done[:WARM_TOP]]
 
 
-def transferred(source: Any) -> list[tuple[str, ClipConfig, dict[str, Any]]]:
-    """The configs (and extras) a warm start carries over, each with where it came from."""
+Carried = list[tuple[str, ClipConfig, dict[str, Any]]]
+
+
+def transferred(source: Any) -> Carried:
+    """The configs (and extras) a warm start carries over, each with where it came from. Read
+    before anything is created, so that a wrong source is an error that costs nothing."""
     if source is None:
         return []
     if isinstance(source, str) and "@" in source and not source.endswith((".yaml", ".yml")):
@@ -83,7 +87,10 @@ def transferred(source: Any) -> list[tuple[str, ClipConfig, dict[str, Any]]]:
     elif isinstance(source, str):
         import yaml
 
-        config = ClipConfig.from_yaml(source)
+        try:
+            config = ClipConfig.from_yaml(source)
+        except ValueError as exc:
+            raise ValueError(f"warm_start: {exc}") from None
         with open(source, encoding="utf-8") as fh:
             body = yaml.safe_load(fh) or {}
         extras = body.get("extras", {}) if isinstance(body, dict) else {}
@@ -99,13 +106,14 @@ def transferred(source: Any) -> list[tuple[str, ClipConfig, dict[str, Any]]]:
 
 
 def enqueue_first(study: optuna.Study, space: SearchSpace, baseline_setting: Any,
-                  warm_start: Any, probe: dict[str, Any] | None) -> int:
-    """Enqueue the warm-start configs, then the baselines, on a new study; how many."""
+                  carried: Carried, probe: dict[str, Any] | None) -> dict[str, int]:
+    """Enqueue the warm-start configs (``carried``, from :func:`transferred`), then the
+    baselines, on a new study; how many of each (keyed by their user attribute)."""
+    counts = {TRANSFERRED_ATTR: 0, BASELINE_ATTR: 0}
     if study.get_trials(deepcopy=False):
-        return 0
+        return counts
     seen: list[dict[str, Any]] = []
-    planned = [(TRANSFERRED_ATTR, label, config, extras)
-               for label, config, extras in transferred(warm_start)]
+    planned = [(TRANSFERRED_ATTR, label, config, extras) for label, config, extras in carried]
     planned += [(BASELINE_ATTR, name, config, {}) for name, config in baselines(baseline_setting,
                                                                                  probe)]
     for attr, label, config, extras in planned:
@@ -119,4 +127,5 @@ def enqueue_first(study: optuna.Study, space: SearchSpace, baseline_setting: Any
             continue
         seen.append(params)
         study.enqueue_trial(params, user_attrs={attr: label})
-    return len(seen)
+        counts[attr] += 1
+    return counts

@@ -37,8 +37,10 @@ _LOGGERS = ("cliptune", "optuna", "mlflow.store.db.utils")  # workers log at the
 
 
 def worker_plan(plan: Plan) -> Plan:
-    """The plan a worker process runs: no progress bar, no callbacks, no refit; it must pickle."""
-    out = replace(plan, settings=replace(plan.settings, run=Run(False, None, False)))
+    """The plan a worker process runs: no progress bar, no callbacks, no refit, no warm start (the
+    parent enqueues the first trials); it must pickle."""
+    out = replace(plan, settings=replace(plan.settings, run=Run(False, None, False),
+                                        search=replace(plan.settings.search, warm_start=None)))
     try:
         pickle.dumps(out)
     except Exception as exc:

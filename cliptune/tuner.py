@@ -23,7 +23,13 @@ from cliptune._faults import finish_tracking
 from cliptune._job_record import check_job, log_resumed, plan_settings, record_run
 from cliptune._optuna import storage_of
 from cliptune._study import open_study, record_job, stability_pruner
-from cliptune.first_trials import enqueue_first
+from cliptune.first_trials import (
+    BASELINE_ATTR,
+    TRANSFERRED_ATTR,
+    Carried,
+    enqueue_first,
+    transferred,
+)
 from cliptune.parallel import run_workers, worker_plan
 from cliptune.plan import Plan, plan_loop, plan_tune
 from cliptune.probe import PROBE_ATTR, job_params, resolve_auto
@@ -102,6 +108,7 @@ def run(plan: Plan) -> TuneResult:
     s = plan.settings
     tracker = make_tracker(s.tracking.tracking, s.tracking.tracking_uri, s.tracking.experiment,
                            s.tracking.tracker)
+    carried = transferred(s.search.warm_start)  # a wrong source is an error before any work
     if s.study.n_jobs > 1 and s.study.storage is None:
         return _run_in_a_temporary_journal(plan)
     if s.study.n_jobs > 1:
@@ -110,7 +117,7 @@ def run(plan: Plan) -> TuneResult:
     tracker.open()  # a store that cannot be written is an error before the study exists
     pruner = stability_pruner(s.search.pruner, s.search.multi_fidelity)
     study = open_study(plan, storage, pruner)
-    plan, probe, version = _prepare(plan, study)
+    plan, probe, version = _prepare(plan, study, carried)
     tracker.start(study, {**plan.job_params(), "sampler": type(study.sampler).__name__,
                           "pruner": type(pruner.pruner).__name__, **job_params(probe),
                           "job_version": version})
@@ -137,7 +144,8 @@ def run(plan: Plan) -> TuneResult:
     return result
 
 
-def _prepare(plan: Plan, study: optuna.Study) -> tuple[Plan, dict[str, Any] | None, str]:
+def _prepare(plan: Plan, study: optuna.Study, carried: Carried
+             ) -> tuple[Plan, dict[str, Any] | None, str]:
     """Before the first trial: a changed job refused, auto ranges, the configs tried first, what
     the study records; the plan with its space resolved, the probe, this run's job version."""
     s = plan.settings
@@ -154,10 +162,12 @@ def _prepare(plan: Plan, study: optuna.Study) -> tuple[Plan, dict[str, Any] | No
     plan = plan.with_space(space)
     record_job(study, plan)
     version = record_run(study, settings, changes)  # from the next trial on
-    first = enqueue_first(study, space, s.search.baselines, s.search.warm_start, probe)
-    if first:
-        log.info("%d config(s) tried first: baselines and warm start (user attributes "
-                 "cliptune.baseline, cliptune.transferred)", first)
+    first = enqueue_first(study, space, s.search.baselines, carried, probe)
+    said = [f"{n} {what} (user attribute {attr})" for attr, what in (
+        (TRANSFERRED_ATTR, "from the warm start"), (BASELINE_ATTR, "baseline(s)"))
+        if (n := first[attr])]
+    if said:
+        log.info("configs tried first: %s", ", ".join(said))
     return plan, probe, version
 
 
@@ -167,10 +177,11 @@ def _confirm(plan: Plan, runner: TrialRunner, study: optuna.Study) -> None:
     k = confirm.resolve(s.search.confirm, s.search.n_trials, plan.backend is None)
     if not k or runner.usage_error is not None or runner.stopped_early:
         return
-    added = confirm.enqueue_reruns(study, k, s.search.confirm_seeds)
+    n_configs, added = confirm.enqueue_reruns(study, k, s.search.confirm_seeds)
     if added:
-        log.info("confirming the %d best configs: %d re-runs on fresh seeds (user attribute "
-                 "cliptune.confirms); the winner is the best mean", k, added)
+        log.info("confirming the %d best config(s) (of up to %d, those within %d%% of the best): "
+                 "%d re-run(s) on fresh seeds (user attribute cliptune.confirms); the winner is "
+                 "the best mean", n_configs, k, round(confirm.MARGIN * 100), added)
         runner.run(study, progress=False, callbacks=s.run.callbacks or ())
 
 
