@@ -7,6 +7,7 @@ URI is masked in every line.
 
 from __future__ import annotations
 
+import os
 import subprocess
 import sys
 import threading
@@ -47,8 +48,11 @@ def serve_ui(uri: str, port: int) -> int:
     print(f"Starting the MLflow UI for {mask_url(uri)} (this takes about 30 s)...",
           file=sys.stderr, flush=True)
     secret = urlsplit(uri).password if "://" in uri else None
+    # The server's workers warn about their own dependencies; nothing a user can act on.
+    quiet = "ignore::DeprecationWarning,ignore:starlette.middleware.wsgi is deprecated"
+    env = {**os.environ, "PYTHONWARNINGS": quiet}
     process = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
-                               text=True, bufsize=1)
+                               text=True, bufsize=1, env=env)
     relay = threading.Thread(target=_relay, args=(process.stdout, secret), daemon=True)
     relay.start()
     try:

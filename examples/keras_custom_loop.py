@@ -65,4 +65,6 @@ if __name__ == "__main__":
     print(result.trials_dataframe()[["number", "state", "clip_mode", "clip_threshold", "value",
                                      "prune_reason"]].to_string(index=False))
     print(f"complete={result.n_complete} pruned={result.n_pruned} failed={result.n_failed}")
-    print("best config:", result.best_config, "val_loss:", result.best_value)
+    runs = ", ".join(f"{v:.4f}" for v in result.best_values)
+    print(f"best config: {result.best_config} (trial {result.best_trial}) "
+          f"val_loss: {result.best_value:.4f}, the mean of its runs {runs}")
