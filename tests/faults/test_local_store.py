@@ -24,7 +24,9 @@ pytestmark = pytest.mark.faults
 def test_four_workers_track_every_trial_though_the_store_is_locked(tmp_path: Path) -> None:
     write_job(tmp_path, JOB.replace("n_trials: 6", "n_trials: 8").replace("enabled: false",
                                                                           "enabled: true"))
-    job = start_cli(tmp_path, "tune", "job.yaml", "--workers", "4", block="0,1,2,3")
+    # One epoch a trial: the median rule starts at the second, so no trial is pruned for having
+    # finished after a better one (the order four released workers finish in is a race).
+    job = start_cli(tmp_path, "tune", "job.yaml", "--workers", "4", block="0,1,2,3", epochs=1)
     wait_for(lambda: all(marker(tmp_path, f"blocked-{n}") for n in range(4)),
              "four workers in a trial", job, timeout=300)
     assert len({marker(tmp_path, f"blocked-{n}") for n in range(4)}) == 4
