@@ -46,7 +46,7 @@ for the training loops, timed in the process's CPU time. The results below come 
 2026-12-01 of the code as committed: clip_kernels, loop_overhead and pruning_savings from one run,
 integrations_overhead from a second, the other sections from a third.""",
     "clip_kernels": """\
-**Value mode misses its target** (1.36-1.46x torch's `clip_grad_value_` at 10M over the last two
+**Value mode misses its target** (1.46-1.50x torch's `clip_grad_value_` at 10M over the last two
 runs, instead of 0.6x). The target assumed a clamp alone: torch's foreach `clip_grad_value_` is one
 clamp. cliptune's value mode must also give the monitor the pre-clip global norm (the non-finite
 rule and the telemetry read it) and whether anything changed, which costs two more reads of every
@@ -55,14 +55,16 @@ run tensor by tensor so that the clamp finds the tensor in cache, but on this CP
 compute-bound on one thread (aminmax alone is 1.6 ms of the 4.1 ms at 10M). Against torch doing the
 same work (`get_total_norm` + `clip_grad_value_`) it is 0.93-0.97x. A flag derived from the norms
 alone (pre- versus post-clip norm) would save a pass but can miss a change lost in float rounding,
-so it was not used. Per-tensor norm is 0.99-1.04x torch's `clip_grad_norm_` (the same passes:
+so it was not used. Per-tensor norm is 1.00-1.04x torch's `clip_grad_norm_` (the same passes:
 `_foreach_norm` + one `_foreach_mul_`, now in float32 accumulation for every dtype), at the noise
-floor of the 1.0 target; global norm meets its target.""",
+floor of the 1.0 target; global norm meets its target. Every tensor is clipped here (thresholds
+0.5 and 0.1), the most work each mode can do: on the CPU a global norm within its threshold now
+skips the multiplication by 1 that torch's `clip_grad_norm_` always does.""",
     "loop_overhead": """\
 `ratio` compares with the loop a user writes with torch's `clip_grad_norm_`; `ratio_same_kernel`
 with the same loop calling cliptune's kernel, so it is the loop and the monitor alone. **The
-built-in loop misses 1.03 (1.05-1.07 over the last two runs); a user's own loop with
-`trial.clip_` meets it (1.01-1.03).** The monitor's step costs about 1.9 us, under 0.3% of a step
+built-in loop misses 1.03 against the same kernel (1.04-1.07 over the last runs), and is 1.00x
+the loop with torch's clip; a user's own loop with `trial.clip_` meets it (0.99-1.03).** The monitor's step costs about 1.9 us, under 0.3% of a step
 here; what is left in the built-in loop is the per-step telemetry the trial now records
 (post-clip norm and clip coefficient, kept as tensors and read once an epoch) and the trial's
 bookkeeping around the batch iterator. The whole-call ratios move by about +-4% from run to run
@@ -70,13 +72,14 @@ on this shared machine (`ratio_same_kernel_min` uses the fastest repeat).""",
     "integrations_overhead": """\
 Both sides train to the same validation loss (same seed, same clip). **Lightning** meets the
 target: its callback replaces Lightning's clip one for one, and what is left is the step's
-bookkeeping and the stability rules. **Keras misses it in this run (1.06 and 1.08; 0.98-1.05 in
-earlier runs)**, at the noise floor: the same comparison repeated right after this run gave
-0.96-1.15 for either side of a change, so +-5% (and more) is noise here. What the callback adds
+bookkeeping and the stability rules. **Keras misses it on the small model (1.08-1.13 over the
+last two runs; the large one 1.01-1.06)**: the same comparison repeated right after a run gave
+0.96-1.15 for either side of a change, so +-5% (and more) is noise here, but the small model's
+miss has held in every recent run. What the callback adds
 is measured directly: two host reads a step (the optimizer's step statistics and the post-clip
 norm, about 9 us each after `value()` was put in front of `numpy()`, which halved the second), the
 monitor's step (about 2 us), and synchronous batch callbacks, under 2% of the small model's
-1.8 ms step. **Transformers misses it** (1.06-1.12 on the small MLP) for a
+1.8 ms step. **Transformers misses it** (1.12 on the small MLP in the last two runs; the large one 0.98-1.07) for a
 reason outside the callback: the 5.x Trainer computes the gradient norm itself every step even with
 `max_grad_norm=0` (it logs `grad_norm` through `accelerator.clip_grad_norm_(params, inf)`, which
 also multiplies every gradient by 1), and no callback is given that norm, so the trial's clip is a

@@ -128,21 +128,13 @@ def clip_stats_(grads: list[Tensor], clip: ClipConfig, post: bool = True
     total = torch.linalg.vector_norm(norms)
     if mode is ClipMode.NONE:
         return total, total, torch.zeros((), dtype=torch.bool, device=total.device)
-    # On the CPU reading a norm costs nothing, so the multiplications by exactly 1 (a tensor, or
-    # all of them, within the threshold) are skipped; elsewhere that read would sync the device.
-    on_cpu = total.device.type == "cpu"
     if mode is ClipMode.NORM:
-        post_total = torch.linalg.vector_norm(norms.clamp_max(t))  # type: ignore[arg-type]
-        if not on_cpu:
-            _scale_each_(grads, t / norms.clamp_min(t))  # type: ignore[operator]
-            return total, post_total, (norms > t).any()  # type: ignore[operator]
-        over = ~(norms <= t)  # type: ignore[operator]  # a NaN norm is scaled too, as on a GPU
-        picked = [g for g, o in zip(grads, over.tolist(), strict=True) if o]
-        if picked:
-            _scale_each_(picked, t / norms[over])  # type: ignore[operator]
-        return total, post_total, (norms > t).any()  # type: ignore[operator]
+        _scale_each_(grads, t / norms.clamp_min(t))  # type: ignore[operator]
+        return total, torch.linalg.vector_norm(norms.clamp_max(t)), (norms > t).any()  # type: ignore[arg-type]
+    # On the CPU reading the norm costs no device sync, so a multiplication of every gradient by
+    # exactly 1 (the norm within the threshold) is skipped; a NaN norm still scales, as on a GPU.
     scale = t / total.clamp_min(t)  # type: ignore[operator]  # GLOBAL_NORM
-    if not (on_cpu and bool(total <= t)):  # type: ignore[operator]
+    if not (total.device.type == "cpu" and bool(total <= t)):  # type: ignore[operator]
         scale_(grads, scale)
     return total, total * scale, total > t  # type: ignore[operator]
 
