@@ -63,28 +63,29 @@ skips the multiplication by 1 that torch's `clip_grad_norm_` always does.""",
     "loop_overhead": """\
 `ratio` compares with the loop a user writes with torch's `clip_grad_norm_`; `ratio_same_kernel`
 with the same loop calling cliptune's kernel, so it is the loop and the monitor alone. **The
-built-in loop misses 1.03 against the same kernel (1.04-1.07 over the last runs), and is 1.00x
-the loop with torch's clip; a user's own loop with `trial.clip_` meets it (0.99-1.03).** The monitor's step costs about 1.9 us, under 0.3% of a
-step here; what is left in the built-in loop is the per-step telemetry the trial now records
-(post-clip norm and clip coefficient, kept as tensors and read once an epoch) and the trial's
-bookkeeping around the batch iterator. The whole-call ratios move by about +-4% from run to run
-on this shared machine (`ratio_same_kernel_min` uses the fastest repeat).""",
+built-in loop misses 1.03 against the same kernel (1.04-1.07 over the last runs), and is 1.00x the
+loop with torch's clip; a user's own loop with `trial.clip_` meets it (0.99-1.03).** The monitor's
+step costs about 1.9 us, under 0.3% of a step here; what is left in the built-in loop is the
+per-step telemetry the trial now records (post-clip norm and clip coefficient, kept as tensors and
+read once an epoch) and the trial's bookkeeping around the batch iterator. The whole-call ratios
+move by about +-4% from run to run on this shared machine (`ratio_same_kernel_min` uses the fastest
+repeat).""",
     "integrations_overhead": """\
 Both sides train to the same validation loss (same seed, same clip). **Lightning** meets the
 target: its callback replaces Lightning's clip one for one, and what is left is the step's
-bookkeeping and the stability rules. **Keras misses it on the small model (1.08-1.13 over the
-last two runs; the large one 1.01-1.06)**: the same comparison repeated right after a run gave
-0.96-1.15 for either side of a change, so +-5% (and more) is noise here, but the small model's
-miss has held in every recent run. What the callback adds
-is measured directly: two host reads a step (the optimizer's step statistics and the post-clip
-norm, about 9 us each after `value()` was put in front of `numpy()`, which halved the second), the
-monitor's step (about 2 us), and synchronous batch callbacks, under 2% of the small model's
-1.8 ms step. **Transformers misses it** (1.12 on the small MLP in the last two runs; the large
-one 0.98-1.07) for a reason outside the callback: the 5.x Trainer computes the gradient norm itself every step even with
-`max_grad_norm=0` (it logs `grad_norm` through `accelerator.clip_grad_norm_(params, inf)`, which
-also multiplies every gradient by 1), and no callback is given that norm, so the trial's clip is a
-second pass over the gradients: about one `clip_grad_norm_` a step (45-90 us on the small MLP,
-whose steps take about 1 ms).""",
+bookkeeping and the stability rules. **Keras misses it on the small model (1.08-1.13 over the last
+two runs; the large one 1.01-1.06)**: the same comparison repeated right after a run gave 0.96-1.15
+for either side of a change, so +-5% (and more) is noise here, but the small model's miss has held
+in every recent run. What the callback adds is measured directly: two host reads a step (the
+optimizer's step statistics and the post-clip norm, about 9 us each after `value()` was put in
+front of `numpy()`, which halved the second), the monitor's step (about 2 us), and synchronous
+batch callbacks, under 2% of the small model's 1.8 ms step. **Transformers misses it** (1.12 on the
+small MLP in the last two runs; the large one 0.98-1.07) for a reason outside the callback: the 5.x
+Trainer computes the gradient norm itself every step even with `max_grad_norm=0` (it logs
+`grad_norm` through `accelerator.clip_grad_norm_(params, inf)`, which also multiplies every
+gradient by 1), and no callback is given that norm, so the trial's clip is a second pass over the
+gradients: about one `clip_grad_norm_` a step (45-90 us on the small MLP, whose steps take about 1
+ms).""",
     "tracking_overhead": """\
 Since the fault-tolerance work, the trial's thread only queues its tracking calls (`hooks_ms`);
 a background sender batches them to the store (`delivered_ms`: the store's time for one trial's
