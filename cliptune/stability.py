@@ -1,4 +1,5 @@
-"""Stability rules, the per-trial monitor that applies them, and the pruner that holds them.
+"""Stability rules as pure functions, and the pruner that holds them (the monitor that applies them
+step by step: :mod:`cliptune.monitor`).
 
 A trial is stopped at once, with its reason, when training becomes unstable:
 
