@@ -10,12 +10,16 @@ shows, and ``large`` (32 -> 1024 -> 1024 -> 1, 1.1M parameters, 32 steps an epoc
   gradient_clip_algorithm="norm")``, Transformers ``TrainingArguments(max_grad_norm=1.0)``, Keras
   ``SGD(global_clipnorm=1.0)``;
 - ``cliptune``: the same clip through ``ClipTuneCallback`` (Keras: and ``trial.keras_optimizer``)
-  on a trial with a real ``TrialMonitor`` (stability rules on), the framework's clip off.
+  on a trial with a real ``TrialMonitor`` (stability rules on), the framework's clip off;
+- ``unclipped``: the framework's clip off and no callback (``unclipped_ratio``: over ``own``).
+  What a framework does with its clip off is its own: the Transformers 5.x Trainer then still
+  computes the gradient norm every step, so this bounds what any callback can reach
+  (``vs_unclipped``: the callback's cost alone).
 
-An identical epoch timer on both sides stamps the CPU time of this process (one torch thread, one
+An identical epoch timer on every side stamps the CPU time of this process (one torch thread, one
 TensorFlow thread; other jobs on the shared machine do not inflate it) at each epoch's start and
-end; the first epoch (set-up, tracing) is left out. The two candidates run interleaved, the order
-alternating each repeat, and the medians of the epoch times are compared.
+end; the first epoch (set-up, tracing) is left out. The candidates run interleaved, the order
+rotating each repeat, and the medians of the epoch times are compared.
 ``overhead_us_per_step`` is the difference per optimizer step. What it is made of: Lightning, the
 callback's bookkeeping and the stability rules (its clip replaces Lightning's); Transformers, also
 a second gradient norm, since the Trainer computes the norm itself every step even with
@@ -77,7 +81,7 @@ def _torch_mlp(width: int) -> Any:
                          nn.Linear(width, 1))
 
 
-def lightning_epochs(ours: bool, epochs: int, width: int, n_train: int) -> tuple[list[float], float]:
+def lightning_epochs(kind: str, epochs: int, width: int, n_train: int) -> tuple[list[float], float]:
     """Epoch CPU seconds and the last validation loss of one Lightning fit."""
     import lightning.pytorch as pl
     import torch
@@ -110,7 +114,8 @@ def lightning_epochs(ours: bool, epochs: int, width: int, n_train: int) -> tuple
     data = torch.utils.data.TensorDataset(X[:n_train], y[:n_train])
     val = torch.utils.data.TensorDataset(X[n_train:], y[n_train:])
     torch.manual_seed(0)
-    clip = {} if ours else {"gradient_clip_val": CLIP_T, "gradient_clip_algorithm": "norm"}
+    ours = kind == "cliptune"
+    clip = {"gradient_clip_val": CLIP_T, "gradient_clip_algorithm": "norm"} if kind == "own" else {}
     trainer = pl.Trainer(max_epochs=epochs, accelerator="cpu", logger=False,
                          enable_checkpointing=False, enable_progress_bar=False,
                          enable_model_summary=False, num_sanity_val_steps=0,
@@ -121,7 +126,7 @@ def lightning_epochs(ours: bool, epochs: int, width: int, n_train: int) -> tuple
     return _epoch_seconds(stamps), float(trainer.callback_metrics["val_loss"])
 
 
-def transformers_epochs(ours: bool, epochs: int, width: int, n_train: int
+def transformers_epochs(kind: str, epochs: int, width: int, n_train: int
                         ) -> tuple[list[float], float]:
     """Epoch CPU seconds and the last eval loss of one ``Trainer.train``."""
     import tempfile
@@ -148,6 +153,7 @@ def transformers_epochs(ours: bool, epochs: int, width: int, n_train: int
             stamps.append((self.start, time.process_time()))
 
     stamps: list[tuple[float, float]] = []
+    ours = kind == "cliptune"
     X, y = (torch.as_tensor(a) for a in _data(n_train))
     rows = [{"x": X[i], "labels": y[i]} for i in range(len(X))]
     torch.manual_seed(0)
@@ -155,7 +161,7 @@ def transformers_epochs(ours: bool, epochs: int, width: int, n_train: int
         args = transformers.TrainingArguments(
             out, num_train_epochs=epochs, per_device_train_batch_size=BATCH,
             per_device_eval_batch_size=N_VAL, learning_rate=LR, optim="sgd",
-            lr_scheduler_type="constant", max_grad_norm=0 if ours else CLIP_T,
+            lr_scheduler_type="constant", max_grad_norm=CLIP_T if kind == "own" else 0,
             eval_strategy="epoch", save_strategy="no", logging_strategy="no", report_to="none",
             disable_tqdm=True, use_cpu=True, seed=0)
         trainer = transformers.Trainer(
@@ -167,7 +173,7 @@ def transformers_epochs(ours: bool, epochs: int, width: int, n_train: int
     return _epoch_seconds(stamps), float(last)
 
 
-def keras_epochs(ours: bool, epochs: int, width: int, n_train: int) -> tuple[list[float], float]:
+def keras_epochs(kind: str, epochs: int, width: int, n_train: int) -> tuple[list[float], float]:
     """Epoch CPU seconds and the last validation loss of one ``model.fit``."""
     import keras
 
@@ -185,9 +191,10 @@ def keras_epochs(ours: bool, epochs: int, width: int, n_train: int) -> tuple[lis
     keras.utils.set_random_seed(0)
     model = keras.Sequential([keras.Input((DIM,)), keras.layers.Dense(width, activation="relu"),
                               keras.layers.Dense(width, activation="relu"), keras.layers.Dense(1)])
-    trial = _trial()
+    trial, ours = _trial(), kind == "cliptune"
+    clip = {"global_clipnorm": CLIP_T} if kind == "own" else {}
     optimizer = (trial.keras_optimizer("sgd", learning_rate=LR) if ours else
-                 keras.optimizers.SGD(learning_rate=LR, global_clipnorm=CLIP_T))
+                 keras.optimizers.SGD(learning_rate=LR, **clip))
     model.compile(optimizer=optimizer, loss="mse")
     history = model.fit(X[:n_train], y[:n_train], batch_size=BATCH, epochs=epochs, verbose=0,
                         validation_data=(X[n_train:], y[n_train:]),
@@ -206,19 +213,21 @@ FRAMEWORKS: dict[str, tuple[str, Callable[..., tuple[list[float], float]]]] = {
 def measure(framework: str, size: str, epochs: int, repeats: int) -> dict[str, Any]:
     own_clip, run_one = FRAMEWORKS[framework]
     width, steps = SIZES[size]
-    times: dict[bool, list[float]] = {False: [], True: []}
-    val: dict[bool, float] = {}
-    for r in range(repeats):  # interleaved, the order alternating every repeat
-        for ours in ((False, True) if r % 2 == 0 else (True, False)):
-            seconds, val[ours] = run_one(ours, epochs, width, steps * BATCH)
-            times[ours] += seconds
-    own, ours_s = median(times[False]), median(times[True])
+    kinds = ["own", "cliptune", "unclipped"]
+    times: dict[str, list[float]] = {k: [] for k in kinds}
+    val: dict[str, float] = {}
+    for r in range(repeats):  # interleaved, the order rotating every repeat
+        for kind in kinds[r % 3:] + kinds[:r % 3]:
+            seconds, val[kind] = run_one(kind, epochs, width, steps * BATCH)
+            times[kind] += seconds
+    own, ours_s, off = (median(times[k]) for k in kinds)
     return {"framework": framework, "size": size, "own_clip": own_clip, "steps_per_epoch": steps,
             "own_epoch_s": own, "cliptune_epoch_s": ours_s, "ratio": ours_s / own,
-            "ratio_min": min(times[True]) / min(times[False]),
+            "ratio_min": min(times["cliptune"]) / min(times["own"]),
+            "unclipped_ratio": off / own, "vs_unclipped": ours_s / off,
             "overhead_us_per_step": (ours_s - own) / steps * 1e6,
-            "epochs_timed": len(times[True]), "own_val_loss": val[False],
-            "cliptune_val_loss": val[True]}
+            "epochs_timed": len(times["cliptune"]), "own_val_loss": val["own"],
+            "cliptune_val_loss": val["cliptune"]}
 
 
 def run(epochs: int = 5, repeats: int = 7, frameworks: tuple[str, ...] = tuple(FRAMEWORKS),
@@ -256,7 +265,8 @@ def run(epochs: int = 5, repeats: int = 7, frameworks: tuple[str, ...] = tuple(F
     kwargs = {} if out_dir is None else {"out_dir": out_dir}
     return report("integrations_overhead", "Integration callbacks vs the frameworks' own clip",
                   rows, ["framework", "size", "steps_per_epoch", "own_epoch_s", "cliptune_epoch_s",
-                         "ratio", "ratio_min", "overhead_us_per_step", "own_val_loss",
+                         "ratio", "ratio_min", "unclipped_ratio", "vs_unclipped",
+                         "overhead_us_per_step", "own_val_loss",
                          "cliptune_val_loss"], targets, meta, **kwargs)
 
 
