@@ -19,26 +19,6 @@ if TYPE_CHECKING:
 _KERAS_OPTIMIZERS = {"sgd": "SGD", "adam": "Adam", "adamw": "AdamW", "rmsprop": "RMSprop"}
 
 
-def counts_line(result: TuneResult) -> str:
-    n = result.n_complete + result.n_pruned + result.n_failed
-    return (f"{n} trials: {result.n_complete} complete, {result.n_pruned} pruned, "
-            f"{result.n_failed} failed")
-
-
-def best_table(result: TuneResult, top: int = 5) -> str:
-    """The ``top`` completed trials, best first, as a plain-text table."""
-    frame = result.trials_dataframe()
-    if frame.empty or result.best_value is None:
-        return "No trial completed yet."
-    frame = frame[frame["state"] == "COMPLETE"]
-    maximize = result.study.direction.name == "MAXIMIZE"
-    frame = frame.sort_values("value", ascending=not maximize).head(top)
-    drop = ["state", "prune_reason", "error", "duration_s"] + (
-        ["role"] if (frame.get("role", "search") == "search").all() else [])
-    frame = frame.drop(columns=[c for c in drop if c in frame.columns])
-    return frame.to_string(index=False, float_format=lambda v: f"{v:.4g}")
-
-
 def _short(value: Any) -> Any:
     """Four significant digits: plenty for a threshold, and easy to read and paste."""
     return float(f"{value:.4g}") if isinstance(value, float) else value
@@ -91,7 +71,7 @@ def best_text(result: TuneResult, fmt: str = "yaml") -> str:
         return json.dumps({**document, "apply": lines, **({"probe": probe} if probe else {})},
                           indent=2)
     header = (f"# best of study {document['study']!r}: trial {document['trial']}, "
-              f"value {document['value']:.6g}{_spread(result)} ({counts_line(result)})")
+              f"value {document['value']:.6g}{result.spread_text()} ({result.counts_line()})")
     clip_part = {k: {key: _short(v) for key, v in document[k].items()}
                  for k in ("clip", "extras") if k in document}
     body = yaml.safe_dump(clip_part, sort_keys=False).rstrip()
@@ -99,14 +79,6 @@ def best_text(result: TuneResult, fmt: str = "yaml") -> str:
         header += f"\n# auto threshold ranges: {describe(probe)}"
     return "\n".join([header, body, f"# torch: {lines['torch'].removeprefix('# ')}",
                       f"# keras: {lines['keras']}"])
-
-
-def _spread(result: TuneResult) -> str:
-    """How the winner did over its runs, when it was confirmed on fresh seeds."""
-    if len(result.best_values) < 2:
-        return ""
-    return (f" (mean of {len(result.best_values)} runs on different seeds, "
-            f"std {result.best_std:.3g})")
 
 
 def space_description(path: Any) -> str:

@@ -92,8 +92,8 @@ def overrides(args: argparse.Namespace) -> dict[str, Any]:
 
 
 def _summary(result: TuneResult) -> None:
-    print(show.best_table(result))
-    print(show.counts_line(result))
+    print(result.best_table())
+    print(result.counts_line())
     if result.best_config is not None:
         print()
         print(show.best_text(result))

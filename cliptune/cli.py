@@ -55,7 +55,7 @@ def cmd_best(args: argparse.Namespace) -> int:
     result = TuneResult.from_study(_study_from_args(args))
     if result.best_config is None:
         show.error("best", f"study {result.study.study_name!r} has no completed trial yet "
-                       f"({show.counts_line(result)}).")
+                       f"({result.counts_line()}).")
         return EXIT_FAILED
     print(show.best_text(result, args.format))
     return 0

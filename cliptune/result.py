@@ -86,6 +86,39 @@ class TuneResult:
         return pd.DataFrame(rows)
 
 
+    def counts_line(self) -> str:
+        """``20 trials: 6 complete, 14 pruned, 0 failed`` (re-runs and surplus trials left out)."""
+        n = self.n_complete + self.n_pruned + self.n_failed
+        return f"{n} trials: {self.n_complete} complete, {self.n_pruned} pruned, {self.n_failed} failed"
+
+    def spread_text(self) -> str:
+        """How the winner did over its runs, when re-runs confirmed it; else empty."""
+        if len(self.best_values) < 2:
+            return ""
+        return f" (mean of {len(self.best_values)} runs on different seeds, std {self.best_std:.3g})"
+
+    def best_table(self, top: int = 5) -> str:
+        """The ``top`` completed trials, best first, as a plain-text table."""
+        frame = self.trials_dataframe()
+        if frame.empty or self.best_value is None:
+            return "No trial completed yet."
+        frame = frame[frame["state"] == "COMPLETE"]
+        maximize = self.study.direction.name == "MAXIMIZE"
+        frame = frame.sort_values("value", ascending=not maximize).head(top)
+        drop = ["state", "prune_reason", "error", "duration_s"] + (
+            ["role"] if (frame.get("role", "search") == "search").all() else [])
+        frame = frame.drop(columns=[c for c in drop if c in frame.columns])
+        return frame.to_string(index=False, float_format=lambda v: f"{v:.4g}")
+
+    def summary(self, top: int = 5) -> str:
+        """What a job found, as ``cliptune tune`` prints it: the best trials, the counts, the
+        winner (with its spread when re-runs confirmed it)."""
+        lines = [self.best_table(top), self.counts_line()]
+        if self.best_config is not None:
+            lines.append(f"best: {self.best_config} (trial {self.best_trial}), value "
+                         f"{self.best_value:.6g}{self.spread_text()}")
+        return "\n".join(lines)
+
 def _role(trial: Any) -> str:
     """Why a trial ran: searched, a baseline, transferred from another run, or a re-run."""
     attrs = trial.user_attrs

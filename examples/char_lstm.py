@@ -120,9 +120,7 @@ if __name__ == "__main__":
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     result = cliptune.tune_loop(train, search_space="rnn", n_trials=16, metric="bpc", seed=0,  # cliptune
                                 experiment="char-lstm")
-    print(result.trials_dataframe()[["number", "state", "clip_mode", "clip_threshold", "value",
-                                     "prune_reason"]].to_string(index=False))
-    print(f"best: {result.best_config} at {result.best_value:.3f} bpc")
+    print(result.summary())
     fresh = range(100, 103)
     for name, config in [("tuned", result.best_config),
                          ("global_norm 1.0", cliptune.ClipConfig("global_norm", 1.0)),

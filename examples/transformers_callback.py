@@ -84,9 +84,4 @@ if __name__ == "__main__":
     torch.set_num_threads(1)
     transformers.logging.set_verbosity_error()
     result = cliptune.tune_loop(train, search_space="rnn", n_trials=16, seed=0)  # cliptune
-    print(result.trials_dataframe()[["number", "state", "clip_mode", "clip_threshold", "value",
-                                     "prune_reason"]].to_string(index=False))
-    print(f"complete={result.n_complete} pruned={result.n_pruned} failed={result.n_failed}")
-    runs = ", ".join(f"{v:.4f}" for v in result.best_values)
-    print(f"best config: {result.best_config} (trial {result.best_trial}) "
-          f"val_loss: {result.best_value:.4f}, the mean of its runs {runs}")
+    print(result.summary())

@@ -188,6 +188,10 @@ def test_the_winner_is_the_best_mean_over_fresh_seeds(tmp_path: Path,
     assert list(result.trials_dataframe()["role"])[2:] == ["re-run of 0"] * 2 + ["re-run of 1"] * 2
     assert cli.main(["best", "--study", "robust", "--storage", url]) == 0
     assert "trial 1, value 0.2 (mean of 3 runs on different seeds, std 0)" in capsys.readouterr().out
+    summary = result.summary().splitlines()  # what the examples print: the CLI's own lines
+    assert summary[-2:] == ["2 trials: 2 complete, 0 pruned, 0 failed",
+                            f"best: {STEADY} (trial 1), value 0.2 (mean of 3 runs on different "
+                            "seeds, std 0)"]
 
 
 def test_a_re_run_that_blows_up_loses_its_config_the_title(mlflow_uri: str) -> None:
