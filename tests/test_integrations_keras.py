@@ -14,20 +14,23 @@ import pytest
 tf = pytest.importorskip("tensorflow")
 keras = pytest.importorskip("keras")
 
-import cliptune  # noqa: E402
 from cliptune import Trial, UsageError  # noqa: E402
 from cliptune.backends._keras_adaptive import AdaptiveClip  # noqa: E402
 from cliptune.backends._keras_trial import clip_fixed  # noqa: E402
 from cliptune.integrations.keras import ClipTuneCallback, trial_optimizer  # noqa: E402
-from tests._integrations import a_trial, trial_runs, tune_enqueued  # noqa: E402
+from tests._integrations import (  # noqa: E402
+    SPACE,
+    a_trial,
+    check_auto_probe,
+    check_stable_and_exploding,
+    tune_enqueued,
+)
 from tests.conftest import pin_tensorflow_threads  # noqa: E402
 
 pin_tensorflow_threads()
 pytestmark = pytest.mark.integrations
 
 LR, BATCH, STEPS = 0.2, 16, 32  # 2 epochs of 16 batches
-SPACE = {"modes": {"none": {}, "global_norm": {"threshold": {"choices": [1.0, 0.05]}}}}
-AUTO = {"modes": {"global_norm": {"threshold": "auto"}}}  # ranges from a probe of the gradients
 
 
 def _data(n: int = 256) -> tuple[np.ndarray, np.ndarray]:
@@ -75,27 +78,7 @@ def _fit(trial: Trial, model: Any = None, data: tuple[np.ndarray, np.ndarray] | 
 
 def test_stable_trial_completes_and_an_exploding_one_is_pruned_with_its_reason(
         tmp_path: Path) -> None:
-    steps: dict[int, int] = {}
-
-    def train(trial: Trial) -> None:
-        try:
-            _fit(trial)
-        finally:
-            steps[trial.number] = trial.monitor.steps
-
-    study = tune_enqueued(train, tmp_path, [
-        {"clip_mode": "global_norm", "clip_threshold_global_norm": 1.0}, {"clip_mode": "none"}],
-        SPACE)
-    stable, exploding = study.trials
-    assert stable.state is optuna.trial.TrialState.COMPLETE
-    assert steps[0] == STEPS and len(stable.user_attrs["history"]) == 2
-    assert stable.value == stable.user_attrs["history"][-1]["val_loss"]
-    assert exploding.state is optuna.trial.TrialState.PRUNED
-    assert exploding.user_attrs["prune_reason"] in ("diverged", "nonfinite")
-    assert steps[1] < STEPS  # fit stopped at the prune
-    runs = trial_runs(tmp_path)
-    assert runs[1]["cliptune.state"] == "PRUNED"
-    assert runs[1]["cliptune.prune_reason"] == exploding.user_attrs["prune_reason"]
+    check_stable_and_exploding(lambda trial: _fit(trial), tmp_path, STEPS)
 
 
 @pytest.mark.parametrize(("mode", "threshold"), [("value", 0.5), ("norm", 0.5),
@@ -220,11 +203,7 @@ def test_metric_names_a_log_and_missing_ones_are_errors() -> None:
 
 
 def test_threshold_auto_probes_the_gradients_through_the_callback() -> None:
-    result = cliptune.tune_loop(lambda trial: _fit(trial), n_trials=1, search_space=AUTO,
-                                tracking=False, seed=0, probe_steps=20)
-    low, high = (result.study.user_attrs["cliptune.search_space"]["modes"]["global_norm"]
-                 ["threshold"][k] for k in ("low", "high"))
-    assert 0 < low < high and result.n_complete + result.n_pruned == 1  # the trial ran its clip
+    check_auto_probe(lambda trial: _fit(trial))
 
 
 def test_bad_arguments_are_refused() -> None:

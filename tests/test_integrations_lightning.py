@@ -6,7 +6,6 @@ import statistics
 from pathlib import Path
 from typing import Any
 
-import optuna
 import pytest
 
 torch = pytest.importorskip("torch")
@@ -15,16 +14,20 @@ pl = pytest.importorskip("lightning.pytorch")
 from lightning.pytorch.plugins import MixedPrecision  # noqa: E402
 from torch import nn  # noqa: E402
 
-import cliptune  # noqa: E402
 from cliptune import Trial, UsageError  # noqa: E402
 from cliptune.integrations.lightning import ClipTuneCallback  # noqa: E402
-from tests._integrations import a_trial, trial_runs, tune_enqueued  # noqa: E402
+from tests._integrations import (  # noqa: E402
+    SPACE,
+    a_trial,
+    check_auto_probe,
+    check_fp16_overflow,
+    check_stable_and_exploding,
+    tune_enqueued,
+)
 
 pytestmark = pytest.mark.integrations
 
 STEPS = 32  # 2 epochs of 16 batches
-SPACE = {"modes": {"none": {}, "global_norm": {"threshold": {"choices": [1.0, 0.05]}}}}
-AUTO = {"modes": {"global_norm": {"threshold": "auto"}}}  # ranges from a probe of the gradients
 
 
 class SpySGD(torch.optim.SGD):
@@ -91,27 +94,7 @@ def _fit(trial: Trial, module: Regression | None = None, validate: bool = True,
 
 def test_stable_trial_completes_and_an_exploding_one_is_pruned_with_its_reason(
         tmp_path: Path) -> None:
-    steps: dict[int, tuple[int, int]] = {}
-
-    def train(trial: Trial) -> None:
-        try:
-            _fit(trial)
-        finally:
-            steps[trial.number] = (trial.monitor.steps, trial.monitor.skipped_steps)
-
-    study = tune_enqueued(train, tmp_path, [
-        {"clip_mode": "global_norm", "clip_threshold_global_norm": 1.0}, {"clip_mode": "none"}],
-        SPACE)
-    stable, exploding = study.trials
-    assert stable.state is optuna.trial.TrialState.COMPLETE
-    assert steps[0] == (STEPS, 0) and len(stable.user_attrs["history"]) == 2
-    assert stable.value == stable.user_attrs["history"][-1]["val_loss"]
-    assert exploding.state is optuna.trial.TrialState.PRUNED
-    assert exploding.user_attrs["prune_reason"] in ("diverged", "nonfinite")
-    assert steps[1][0] < STEPS  # the fit stopped at the prune
-    runs = trial_runs(tmp_path)
-    assert runs[1]["cliptune.state"] == "PRUNED"
-    assert runs[1]["cliptune.prune_reason"] == exploding.user_attrs["prune_reason"]
+    check_stable_and_exploding(lambda trial: _fit(trial), tmp_path, STEPS)
 
 
 @pytest.mark.parametrize("precision", ["32-true", "bf16-mixed"])
@@ -140,20 +123,7 @@ def test_fp16_overflow_steps_are_counted_not_pruned_and_the_clip_sees_unscaled_g
         scaler = torch.amp.GradScaler("cpu", init_scale=2.0**30)
         modules.append(_fit(trial, plugins=[MixedPrecision("16-mixed", "cpu", scaler)])[0])
 
-    study = tune_enqueued(train, tmp_path,
-                          [{"clip_mode": "global_norm", "clip_threshold_global_norm": 0.05}], SPACE)
-    (trial,) = study.trials
-    history = trial.user_attrs["history"]
-    assert trial.state is optuna.trial.TrialState.COMPLETE
-    skipped = sum(h["skipped_steps"] for h in history)
-    assert 0 < skipped < STEPS
-    module = modules[0]
-    assert len(module.seen) == STEPS - skipped  # the scaler skipped exactly the counted steps
-    # the clip acts on unscaled gradients: t, not t / 2**k, reaches the optimizer
-    assert module.seen == pytest.approx([0.05] * len(module.seen), rel=1e-4)
-    assert history[-1]["clip_fraction"] == 1.0 and history[-1]["grad_norm_max"] < 1e3
-    raw = statistics.mean(module.losses[16:])  # the step losses reach the rules unscaled
-    assert 0.5 * raw < history[1]["train_loss"] < 2 * raw
+    check_fp16_overflow(train, tmp_path, STEPS, modules)
 
 
 @pytest.mark.parametrize(("manual", "trainer_kwargs", "match"), [
@@ -189,11 +159,7 @@ def test_a_fit_without_validation_is_an_error() -> None:
 
 
 def test_threshold_auto_probes_the_gradients_through_the_callback() -> None:
-    result = cliptune.tune_loop(lambda trial: _fit(trial), n_trials=1, search_space=AUTO,
-                                tracking=False, seed=0, probe_steps=20)
-    low, high = (result.study.user_attrs["cliptune.search_space"]["modes"]["global_norm"]
-                 ["threshold"][k] for k in ("low", "high"))
-    assert 0 < low < high and result.n_complete + result.n_pruned == 1  # the trial ran its clip
+    check_auto_probe(lambda trial: _fit(trial))
 
 
 def test_bad_arguments_are_refused() -> None:

@@ -15,17 +15,21 @@ pytest.importorskip("accelerate")
 
 from torch import nn  # noqa: E402
 
-import cliptune  # noqa: E402
 from cliptune import Trial, UsageError  # noqa: E402
 from cliptune.integrations.transformers import ClipTuneCallback, eval_name  # noqa: E402
-from tests._integrations import a_trial, trial_runs, tune_enqueued  # noqa: E402
+from tests._integrations import (  # noqa: E402
+    SPACE,
+    a_trial,
+    check_auto_probe,
+    check_fp16_overflow,
+    check_stable_and_exploding,
+    tune_enqueued,
+)
 
 pytestmark = pytest.mark.integrations
 transformers.logging.set_verbosity_error()
 
 STEPS = 32  # 2 epochs of 16 batches
-SPACE = {"modes": {"none": {}, "global_norm": {"threshold": {"choices": [1.0, 0.05]}}}}
-AUTO = {"modes": {"global_norm": {"threshold": "auto"}}}  # ranges from a probe of the gradients
 
 
 class SpySGD(torch.optim.SGD):
@@ -97,27 +101,7 @@ def _trainer(trial: Trial, tmp_path: Path, model: nn.Module | None = None,
 
 def test_stable_trial_completes_and_an_exploding_one_is_pruned_with_its_reason(
         tmp_path: Path) -> None:
-    steps: dict[int, int] = {}
-
-    def train(trial: Trial) -> None:
-        try:
-            _trainer(trial, tmp_path).train()
-        finally:
-            steps[trial.number] = trial.monitor.steps
-
-    study = tune_enqueued(train, tmp_path, [
-        {"clip_mode": "global_norm", "clip_threshold_global_norm": 1.0}, {"clip_mode": "none"}],
-        SPACE)
-    stable, exploding = study.trials
-    assert stable.state is optuna.trial.TrialState.COMPLETE
-    assert steps[0] == STEPS and len(stable.user_attrs["history"]) == 2
-    assert stable.value == stable.user_attrs["history"][-1]["val_loss"]
-    assert exploding.state is optuna.trial.TrialState.PRUNED
-    assert exploding.user_attrs["prune_reason"] in ("diverged", "nonfinite")
-    assert steps[1] < STEPS  # train() stopped at the prune
-    runs = trial_runs(tmp_path)
-    assert runs[1]["cliptune.state"] == "PRUNED"
-    assert runs[1]["cliptune.prune_reason"] == exploding.user_attrs["prune_reason"]
+    check_stable_and_exploding(lambda trial: _trainer(trial, tmp_path).train(), tmp_path, STEPS)
 
 
 @pytest.mark.parametrize("precision", [{}, {"bf16": True}])
@@ -156,20 +140,7 @@ def test_fp16_overflow_steps_are_counted_not_pruned_and_the_clip_sees_unscaled_g
         models.append(trainer.model)
         trainer.train()
 
-    study = tune_enqueued(train, tmp_path,
-                          [{"clip_mode": "global_norm", "clip_threshold_global_norm": 0.05}], SPACE)
-    (trial,) = study.trials
-    history = trial.user_attrs["history"]
-    assert trial.state is optuna.trial.TrialState.COMPLETE
-    skipped = sum(h["skipped_steps"] for h in history)
-    assert 0 < skipped < STEPS
-    model = models[0]
-    assert len(model.seen) == STEPS - skipped  # the scaler skipped exactly the counted steps
-    # the clip acts on unscaled gradients: t, not t / 2**k, reaches the optimizer
-    assert model.seen == pytest.approx([0.05] * len(model.seen), rel=1e-4)
-    assert history[-1]["clip_fraction"] == 1.0 and history[-1]["grad_norm_max"] < 1e3
-    raw = statistics.mean(model.losses[16:])  # the step losses reach the rules unscaled
-    assert 0.5 * raw < history[1]["train_loss"] < 2 * raw
+    check_fp16_overflow(train, tmp_path, STEPS, models)
 
 
 def test_gradients_still_scaled_at_the_hook_are_unscaled_before_the_clip(tmp_path: Path) -> None:
@@ -255,11 +226,7 @@ def test_training_without_evaluation_is_an_error(tmp_path: Path) -> None:
 
 
 def test_threshold_auto_probes_the_gradients_through_the_callback(tmp_path: Path) -> None:
-    result = cliptune.tune_loop(lambda trial: _trainer(trial, tmp_path).train(), n_trials=1,
-                                search_space=AUTO, tracking=False, seed=0, probe_steps=20)
-    low, high = (result.study.user_attrs["cliptune.search_space"]["modes"]["global_norm"]
-                 ["threshold"][k] for k in ("low", "high"))
-    assert 0 < low < high and result.n_complete + result.n_pruned == 1  # the trial ran its clip
+    check_auto_probe(lambda trial: _trainer(trial, tmp_path).train())
 
 
 def test_a_trainer_without_the_hook_is_refused(monkeypatch: pytest.MonkeyPatch) -> None:
