@@ -71,11 +71,12 @@ TASKS = {"lstm_adding": _lstm_task, "mlp": _mlp_task}
 
 
 def plain_loop(model_fn: Callable[[], Any], splits: Any, epochs: int, batch_size: int,
-               lr: float, seed: int, kernel: str = "torch") -> list[float]:
+               lr: float, seed: int, kernel: str = "torch", trial: Any = None) -> list[float]:
     """What a user writes by hand: SGD, MSE, the clip, a validation loss every epoch.
 
     ``kernel="torch"`` clips with ``clip_grad_norm_``; ``"cliptune"`` with cliptune's own kernel,
-    so that the difference to cliptune's loop is the loop and the monitor alone.
+    so that the difference to cliptune's loop is the loop and the monitor alone. With a ``trial``
+    the loop is a ``tune_loop`` user's: ``trial.clip_(params, loss)`` and ``trial.report``.
     """
     import torch
 
@@ -93,7 +94,7 @@ def plain_loop(model_fn: Callable[[], Any], splits: Any, epochs: int, batch_size
     X, y = (torch.as_tensor(a) for a in splits.train)
     Xv, yv = (torch.as_tensor(a) for a in splits.val)
     val_losses = []
-    for _ in range(epochs):
+    for epoch in range(epochs):
         model.train()
         order = torch.randperm(len(X), generator=gen)
         for start in range(0, len(X), batch_size):
@@ -101,7 +102,9 @@ def plain_loop(model_fn: Callable[[], Any], splits: Any, epochs: int, batch_size
             opt.zero_grad(set_to_none=True)
             loss = loss_fn(model(X[idx]), y[idx])
             loss.backward()
-            if kernel == "torch":
+            if trial is not None:
+                trial.clip_(params, loss)
+            elif kernel == "torch":
                 torch.nn.utils.clip_grad_norm_(params, CLIP_T, foreach=True)
             else:
                 clip_tensors_([p.grad for p in params], clip)
@@ -113,6 +116,8 @@ def plain_loop(model_fn: Callable[[], Any], splits: Any, epochs: int, batch_size
                 xb, yb = Xv[start:start + batch_size], yv[start:start + batch_size]
                 total += float(loss_fn(model(xb), yb)) * len(xb)
         val_losses.append(total / len(Xv))
+        if trial is not None:
+            trial.report(epoch, val_loss=val_losses[-1])
     return val_losses
 
 
@@ -132,38 +137,12 @@ def user_loop(model_fn: Callable[[], Any], splits: Any, epochs: int, batch_size:
               lr: float, seed: int, study: Any) -> list[float]:
     """The plain loop a user writes, with ``trial.clip_(params, loss)`` in place of
     ``clip_grad_norm_`` and ``trial.report`` each epoch: what ``tune_loop`` costs a user's loop."""
-    import torch
-
     from cliptune import ClipConfig, StabilityRules, Trial
     from cliptune.monitor import TrialMonitor
 
     monitor = TrialMonitor(study.ask(), StabilityRules())
     trial = Trial(ClipConfig("global_norm", CLIP_T), {}, 0, seed, monitor)
-    torch.manual_seed(seed)
-    gen = torch.Generator().manual_seed(seed)
-    model = model_fn()
-    params = list(model.parameters())
-    opt = torch.optim.SGD(params, lr=lr)
-    loss_fn = torch.nn.MSELoss()
-    X, y = (torch.as_tensor(a) for a in splits.train)
-    Xv, yv = (torch.as_tensor(a) for a in splits.val)
-    for epoch in range(epochs):
-        model.train()
-        order = torch.randperm(len(X), generator=gen)
-        for start in range(0, len(X), batch_size):
-            idx = order[start:start + batch_size]
-            opt.zero_grad(set_to_none=True)
-            loss = loss_fn(model(X[idx]), y[idx])
-            loss.backward()
-            trial.clip_(params, loss)
-            opt.step()
-        model.eval()
-        with torch.no_grad():
-            total = 0.0
-            for start in range(0, len(Xv), batch_size):
-                xb, yb = Xv[start:start + batch_size], yv[start:start + batch_size]
-                total += float(loss_fn(model(xb), yb)) * len(xb)
-        trial.report(epoch, val_loss=total / len(Xv))
+    plain_loop(model_fn, splits, epochs, batch_size, lr, seed, trial=trial)
     return [h["val_loss"] for h in monitor.history]
 
 

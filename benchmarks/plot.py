@@ -63,7 +63,7 @@ skips the multiplication by 1 that torch's `clip_grad_norm_` always does.""",
     "loop_overhead": """\
 `ratio` compares with the loop a user writes with torch's `clip_grad_norm_`; `ratio_same_kernel`
 with the same loop calling cliptune's kernel, so it is the loop and the monitor alone. **The
-built-in loop misses 1.03 against the same kernel (1.04-1.07 over the last runs), and is 1.00x the
+built-in loop misses 1.03 against the same kernel (1.04-1.07 over the last runs), and is 0.99-1.04x the
 loop with torch's clip; a user's own loop with `trial.clip_` meets it (0.99-1.03).** The monitor's
 step costs about 1.9 us, under 0.3% of a step here; what is left in the built-in loop is the
 per-step telemetry the trial now records (post-clip norm and clip coefficient, kept as tensors and
