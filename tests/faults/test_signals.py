@@ -100,6 +100,9 @@ def test_a_rerun_after_sigkill_closes_the_killed_runs_and_says_what_it_retried(
     write_job(tmp_path)
     job = start_cli(tmp_path, "tune", "job.yaml", *TRACKED, block="2")
     wait_for(lambda: marker(tmp_path, "blocked-2"), "trial 2 running", job)
+    # The trial's run is started by the background sender, so it may come a moment after the trial
+    # itself: kill the job only once the run it should leave RUNNING exists.
+    wait_for(lambda: 2 in mlflow_runs(tmp_path)[1], "trial 2's MLflow run", job)
     job.kill()
     job.wait(timeout=60)
     parents, runs = mlflow_runs(tmp_path)
