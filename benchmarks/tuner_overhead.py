@@ -98,14 +98,14 @@ def _tune(kind: str, tracking: bool, folder: Path, mlflow_db: Path) -> Any:
                              baselines=False, confirm=0)  # trial for trial what the bare loop runs
 
 
-Script = list[tuple[list[float], bool]]  # per trial: its reported values, whether it was pruned
+Script = list[tuple[list[float], bool, Any]]  # per trial: its reports, pruned?, its value
 
 
 def tune_trial_ms(kind: str, tracking: bool, folder: Path, mlflow_db: Path) -> tuple[float, Script]:
     """ms per trial of tune(), and what each trial reported (for the bare loop to replay)."""
     study = _tune(kind, tracking, folder, mlflow_db).study
     script = [([t.intermediate_values[k] for k in sorted(t.intermediate_values)],
-               t.state.name == "PRUNED") for t in study.get_trials(deepcopy=False)]
+               t.state.name == "PRUNED", t.value) for t in study.get_trials(deepcopy=False)]
     return _intervals_ms(study), script
 
 
@@ -147,14 +147,14 @@ def optuna_trial_ms(kind: str, folder: Path, script: Script) -> float:
 
     def objective(trial: optuna.Trial) -> float:
         space.suggest(trial)
-        values, pruned = script[trial.number]
+        values, pruned, value = script[trial.number]
         for epoch, value in enumerate(values):
             trial.report(value, epoch)
             trial.should_prune()
         trial.set_user_attr("history", history[:len(values)])
         if pruned:
             raise optuna.TrialPruned()
-        return values[-1]
+        return value  # (a duplicate of a finished trial reported nothing: its twin's value)
 
     study.optimize(objective, n_trials=N_TRIALS)
     return _intervals_ms(study)

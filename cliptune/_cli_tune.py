@@ -18,10 +18,10 @@ import yaml
 from cliptune import _cli_show as show
 from cliptune._errors import StorageError, Terminated, UsageError
 from cliptune._job_record import check_job, job_settings
+from cliptune._total import counts_toward_total
 from cliptune.jobs import Job, JobError, open_storage, storage_url
 from cliptune.plan import resolve_direction
 from cliptune.result import TuneResult
-from cliptune.runner import counts_toward_total
 from cliptune.settings import by_name
 from cliptune.space import SearchSpace
 from cliptune.storage import mask_url, storage_failure

@@ -71,5 +71,9 @@ def serve_ui(uri: str, port: int) -> int:
         return code
     except KeyboardInterrupt:
         process.terminate()
-        process.wait(timeout=30)
+        try:
+            process.wait(timeout=30)
+        except subprocess.TimeoutExpired:  # a server stuck in its shutdown: stop it for good
+            process.kill()
+            process.wait()
         return 0

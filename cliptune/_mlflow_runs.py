@@ -49,7 +49,8 @@ def send_batch(client: Any, run_id: str, metrics: list[Any] = (),  # type: ignor
         tags = tags[_MAX_PARAMS_TAGS:]
 
 
-ROLE_ATTRS = ("cliptune.baseline", "cliptune.transferred", "cliptune.confirms")
+ROLE_ATTRS = ("cliptune.baseline", "cliptune.transferred", "cliptune.confirms",
+              "cliptune.duplicate_of")
 METRICS_NOTE = """Metrics of this trial, per epoch (step = epoch):
 
 - `grad_norm_mean`, `grad_norm_max`: the global gradient norm **before** the clip (what exploded).
@@ -78,6 +79,8 @@ class TrialRun:
                       **{k: str(v) for k, v in trial.user_attrs.items() if k in ROLE_ATTRS}}
         threshold = "" if clip.threshold is None else f"={clip.threshold:.4g}"
         self._name = f"trial-{trial.number} {clip.mode.value}{threshold}"  # the clip shows at once
+        if trial.user_attrs.get("cliptune.duplicate_of") is not None:  # not trained: say so
+            self._name += f" · duplicate of {trial.user_attrs['cliptune.duplicate_of']}"
         params = {"clip_mode": clip.mode.value, "clip_threshold": clip.threshold, **extras}
         self._params = [Param(k, text(v, MAX_PARAM)) for k, v in params.items() if v is not None]
         self._pending: list[Any] = []

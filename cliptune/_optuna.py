@@ -8,6 +8,8 @@
   (``optuna.distributions.check_distribution_compatibility``, marked as not for users);
 - the random state of the TPE sampler and of its start-up random sampler (``_rng``), set per
   trial so that a continued or shared study keeps sampling new points (see :mod:`cliptune._study`);
+- whether a trial was enqueued (``Trial._fixed_params``): an enqueued config is deliberate and
+  is trained even when it repeats an earlier one (see :mod:`cliptune._duplicates`);
 - the name and wording of the warnings ``study.optimize`` logs for a failed trial, to keep quiet
   about a surplus trial (see :mod:`cliptune.runner`), which fails by design and runs nothing.
 """
@@ -66,6 +68,11 @@ def reseed_tpe(sampler: optuna.samplers.TPESampler, seed: int) -> None:
     """Set the random state of a TPE sampler and of the random sampler it starts with."""
     sampler._rng.rng.seed(seed)
     sampler._random_sampler._rng.rng.seed(seed)
+
+
+def is_enqueued(trial: optuna.Trial) -> bool:
+    """True for a trial whose params were fixed by ``study.enqueue_trial``."""
+    return bool(getattr(trial, "_fixed_params", None))
 
 
 def incompatibility(old: optuna.distributions.BaseDistribution,

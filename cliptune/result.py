@@ -120,7 +120,8 @@ class TuneResult:
         return "\n".join(lines)
 
 def _role(trial: Any) -> str:
-    """Why a trial ran: searched, a baseline, transferred from another run, or a re-run."""
+    """Why a trial ran: searched, a baseline, transferred from another run, a re-run, or a
+    duplicate (not trained: it took an earlier trial's outcome)."""
     attrs = trial.user_attrs
     if attrs.get("cliptune.confirms") is not None:
         return f"re-run of {attrs['cliptune.confirms']}"
@@ -128,6 +129,8 @@ def _role(trial: Any) -> str:
         return f"baseline: {attrs['cliptune.baseline']}"
     if "cliptune.transferred" in attrs:
         return f"from {attrs['cliptune.transferred']}"
+    if attrs.get("cliptune.duplicate_of") is not None:
+        return f"duplicate of {attrs['cliptune.duplicate_of']}"
     return "search"
 
 

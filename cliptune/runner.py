@@ -1,31 +1,30 @@
-"""One worker's loop over the study: a Trial for each Optuna trial, the study's total, what counts.
+"""One worker's loop over the study: a Trial for each Optuna trial, until the study's total.
 
 Every process that tunes is a worker of this kind, alone or beside others on the same storage.
-``n_trials`` is the study's total: finished trials count, and so do RUNNING and WAITING ones (so
-workers that start at once do not overshoot), but not a FAIL trial that was retried after its
-worker died, nor a ``cliptune.surplus`` trial (one that two workers created at the same instant
-for the last slot; it is recorded FAIL without running). At the end a worker waits for the other
-workers' running trials, so that a dead worker's trial is failed and retried before it leaves.
+``n_trials`` is the study's total (what counts toward it: :mod:`cliptune._total`). A trial that
+repeats a finished one takes its outcome untrained (:mod:`cliptune._duplicates`). At the end a
+worker waits for the other workers' running trials, so that a dead worker's trial is failed and
+retried before it leaves.
 """
 
 from __future__ import annotations
 
+import contextlib
 import logging
-import math
 import time
 from collections.abc import Callable, Sequence
 from typing import Any
 
 import optuna
-from optuna.storages import RetryHeartbeatStaleTrialCallback
 from optuna.trial import FrozenTrial, TrialState
 
+from cliptune._duplicates import mark_duplicate, repeat_outcome
 from cliptune._errors import StorageError, UsageError
 from cliptune._faults import retry_interrupted, storage_error
 from cliptune._job_record import job_version
 from cliptune._optuna import n_trials_of, quiet_failure, storage_of
 from cliptune._study import load_study, stability_pruner
-from cliptune.confirm import is_rerun
+from cliptune._total import advance, counts_toward_total, progress_bar, retry_history
 from cliptune.monitor import TrialMonitor
 from cliptune.plan import Plan
 from cliptune.result import SURPLUS_ATTR
@@ -34,7 +33,6 @@ from cliptune.storage import (
     Heartbeat,
     beating,
     fail_stale_trials,
-    quiet_experimental,
     storage_failure,
     watches_liveness,
 )
@@ -48,27 +46,6 @@ Callback = Callable[[optuna.Study, FrozenTrial], None]
 
 class SurplusTrial(Exception):
     """A trial created beyond the study's total by a race between workers; it does not run."""
-
-
-def _retry_history(trial: FrozenTrial) -> list[int]:
-    """The numbers of the trials this one retries (Optuna's record), oldest first."""
-    with quiet_experimental():
-        return RetryHeartbeatStaleTrialCallback.retry_history(trial)
-
-
-def _retried_numbers(trials: Sequence[FrozenTrial]) -> set[int]:
-    numbers: set[int] = set()
-    for trial in trials:
-        numbers.update(_retry_history(trial))
-    return numbers
-
-
-def counts_toward_total(trials: Sequence[FrozenTrial]) -> int:
-    """How many of ``trials`` use up the study's ``n_trials`` (see the module docstring);
-    confirmation re-runs (:mod:`cliptune.confirm`) come on top of it."""
-    retried = _retried_numbers(trials)
-    return sum(1 for t in trials if not t.user_attrs.get(SURPLUS_ATTR) and not is_rerun(t)
-               and not (t.state is TrialState.FAIL and t.number in retried))
 
 
 class TrialRunner:
@@ -88,6 +65,7 @@ class TrialRunner:
         self._current: int | None = None  # the trial this worker runs (or ran last)
         self._interrupted: int | None = None
         self._storage_failed: Exception | None = None
+        self._twin: FrozenTrial | None = None  # the trial the current one duplicates
 
     def __call__(self, trial: optuna.Trial) -> float:
         if (trial.number >= self.total and trial.user_attrs.get("cliptune.confirms") is None
@@ -110,12 +88,13 @@ class TrialRunner:
         trials = trial.study.get_trials(deepcopy=False)
         this = next(t for t in trials if t.number == trial.number)
         earlier = [t for t in trials if t.number < trial.number]
-        return counts_toward_total(earlier) >= self.total and not _retry_history(this)
+        return counts_toward_total(earlier) >= self.total and not retry_history(this)
 
     def make_trial(self, trial: optuna.Trial) -> Trial:
         """The handle of an Optuna trial: its clip and extras sampled, its monitor wired."""
         plan, search = self.plan, self.plan.settings.search
         config, extras = plan.space.suggest(trial)
+        self._twin = mark_duplicate(trial)  # before its run starts, so the run says so
         self.tracker.trial_started(trial, config, extras)
         number = trial.number
         monitor = TrialMonitor(trial, self.pruner.rules, search.metric, search.objective,
@@ -132,8 +111,11 @@ class TrialRunner:
             self._record_error(trial, exc)
             raise
         try:
-            self.plan.train(handle)
-            value = handle.monitor.value()
+            if self._twin is None:
+                self.plan.train(handle)
+                value = handle.monitor.value()
+            else:  # not trained again: the earlier trial's outcome
+                value = repeat_outcome(trial, self._twin)
         except optuna.TrialPruned:
             self.tracker.trial_finished(number, "PRUNED",
                                         reason=trial.user_attrs.get("prune_reason", "unpromising"))
@@ -180,11 +162,11 @@ class TrialRunner:
         """
         timeout = self.plan.settings.search.timeout
         deadline = None if timeout is None else time.monotonic() + timeout
-        bar = _progress_bar(study, self.total) if progress else None
+        bar = progress_bar(study, self.total) if progress else None
         chain: list[Callback] = [self._after_trial, *callbacks]
         chain.append(lambda s, t: s.stop() if self.stop_requested() else None)
         if bar is not None:
-            chain.append(lambda s, t: _advance(bar, s, self.total))
+            chain.append(lambda s, t: advance(bar, s, self.total))
         self.stopped_early = False
         try:
             self._loop(study, deadline, chain, bar)
@@ -228,7 +210,7 @@ class TrialRunner:
             if not running or not watches_liveness(storage_of(study)):
                 return
             if bar is not None:
-                _advance(bar, study, self.total)
+                advance(bar, study, self.total)
             waited_since = waited_since or time.monotonic()
             if not told and time.monotonic() - waited_since > _QUIET_WAIT_S:
                 log.info("waiting for %d running trial(s) of other workers (a dead worker's "
@@ -244,6 +226,8 @@ class TrialRunner:
     def _storage_error(self, study: optuna.Study, reason: str) -> StorageError:
         if self._current is not None:  # close its MLflow run (if it is open) as the trial ended
             self.tracker.trial_finished(self._current, "FAIL", error=f"StorageError: {reason}")
+            with contextlib.suppress(Exception):  # FAIL was recorded after all (space came
+                retry_interrupted(study, self._current)  # back): queue it, if writes pass
         return storage_error(study, reason, self._current)
 
     def raise_if_failed(self) -> None:
@@ -272,24 +256,3 @@ def run_worker(plan: Plan, storage: Any, study_name: str,
     finally:  # its trials' records go out; the job's summary is the parent process's to record
         tracker.close()
     runner.raise_if_failed()
-
-
-def _progress_bar(study: optuna.Study, total: int) -> Any:
-    from tqdm.auto import tqdm
-
-    done = counts_toward_total(study.get_trials(deepcopy=False, states=(
-        TrialState.COMPLETE, TrialState.PRUNED, TrialState.FAIL)))
-    return tqdm(total=total, initial=min(done, total), desc="cliptune", unit="trial")
-
-
-def _advance(bar: Any, study: optuna.Study, total: int) -> None:
-    trials = study.get_trials(deepcopy=False)
-    finished = [t for t in trials if t.state in (TrialState.COMPLETE, TrialState.PRUNED,
-                                                   TrialState.FAIL)]
-    values = [t.value for t in finished if t.state is TrialState.COMPLETE]
-    best = (min if study.direction == optuna.study.StudyDirection.MINIMIZE else max)(
-        values, default=math.nan)
-    pruned = sum(t.state is TrialState.PRUNED for t in finished)
-    bar.set_postfix(best=f"{best:.4g}", pruned=pruned, refresh=False)
-    bar.n = min(counts_toward_total(finished), total)
-    bar.refresh()

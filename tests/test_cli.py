@@ -415,7 +415,7 @@ def test_ui_says_where_once_the_server_answers_and_masks_passwords(tmp_path: Pat
             assert answer.status == 200
     finally:
         proc.send_signal(signal.SIGINT)
-        proc.wait(timeout=60)
+        proc.communicate(timeout=120)  # reads what it still writes: a full pipe would stall it
     secret = subprocess.Popen([sys.executable, "-m", "cliptune", "ui", "--port", str(_free_port()),
                                "--tracking-uri", "postgresql://bob:hunter2@127.0.0.1:1/none"],
                               cwd=tmp_path, env=env, stdout=subprocess.PIPE,

@@ -18,8 +18,9 @@ torch = pytest.importorskip("torch")
 from torch import nn  # noqa: E402
 
 import cliptune  # noqa: E402
+from cliptune._total import counts_toward_total  # noqa: E402
 from cliptune.confirm import is_rerun  # noqa: E402
-from cliptune.runner import SURPLUS_ATTR, counts_toward_total  # noqa: E402
+from cliptune.runner import SURPLUS_ATTR  # noqa: E402
 from cliptune.storage import Heartbeat, open_storage, quiet_experimental  # noqa: E402
 from tests.conftest import regression_data  # noqa: E402
 

@@ -234,8 +234,11 @@ def test_multi_fidelity_halves_with_the_stability_rules_on() -> None:
     def value(trial: Trial) -> float:
         return math.nan if trial.number == 9 else by_threshold(trial)
 
-    result = cliptune.tune_loop(_loop(value, epochs=9), n_trials=10, seed=0,
-                                multi_fidelity=True, **QUIET)
+    def learning(trial: Trial) -> None:  # improving every epoch: never plateaued
+        for epoch in range(9):
+            trial.report(epoch, val_loss=value(trial) * (1 + 0.1 * (8 - epoch)))
+
+    result = cliptune.tune_loop(learning, n_trials=10, seed=0, multi_fidelity=True, **QUIET)
     pruner = result.study.pruner
     assert isinstance(pruner, cliptune.StabilityPruner)
     assert isinstance(pruner.pruner, optuna.pruners.SuccessiveHalvingPruner)
@@ -250,3 +253,74 @@ def test_multi_fidelity_halves_with_the_stability_rules_on() -> None:
     chosen = cliptune.tune_loop(_loop(by_threshold), n_trials=2, multi_fidelity=True,
                                 pruner=mine, **QUIET)
     assert chosen.study.pruner.pruner is mine  # a pruner replaces both
+
+
+# -- duplicates ----------------------------------------------------------------------------------
+
+THREE_POINTS = {"modes": {"none": {}, "global_norm": {"threshold": {"choices": [0.3, 3.0]}}}}
+
+
+def test_a_repeated_config_takes_its_twins_outcome_untrained(mlflow_uri: str) -> None:
+    trained: dict[int, ClipConfig] = {}
+
+    def value(trial: Trial) -> float:
+        trained[trial.number] = trial.config
+        return math.nan if trial.config.mode.value == "none" else by_threshold(trial)
+
+    result = cliptune.tune_loop(_loop(value), n_trials=9, seed=0, search_space=THREE_POINTS,
+                                confirm=0, tracking_uri=mlflow_uri, experiment="dups",
+                                show_progress=False)
+    trials = result.study.trials
+    assert len(trials) == 9  # a duplicate counts toward n_trials
+    assert len(trained) == len({str(c) for c in trained.values()}) <= 3  # each trained once
+    twins = {t.number: t.user_attrs["cliptune.duplicate_of"] for t in trials
+             if "cliptune.duplicate_of" in t.user_attrs}
+    assert twins and set(twins) == set(range(9)) - set(trained)
+    for number, twin in twins.items():
+        this, first = trials[number], trials[twin]
+        assert this.params == first.params and this.state == first.state and twin < number
+        assert this.value == first.value  # None for a pruned pair
+        if this.state is TrialState.PRUNED:
+            assert this.user_attrs["prune_reason"] == first.user_attrs["prune_reason"] == \
+                "nonfinite"
+            assert this.intermediate_values == first.intermediate_values
+    roles = result.trials_dataframe().set_index("number")["role"]
+    assert {roles[n] for n in twins} == {f"duplicate of {t}" for t in twins.values()}
+    assert result.best_trial == trials[result.best_trial].number and result.best_value == \
+        pytest.approx(1.0)  # global_norm 0.3, trained once
+    from mlflow import MlflowClient
+
+    client = MlflowClient(mlflow_uri)
+    runs = client.search_runs([client.get_experiment_by_name("dups").experiment_id])
+    named = {int(r.data.tags["optuna.trial_number"]): r for r in runs
+             if "mlflow.parentRunId" in r.data.tags}
+    for number, twin in twins.items():
+        assert named[number].data.tags["cliptune.duplicate_of"] == str(twin)
+        assert f"duplicate of {twin}" in named[number].info.run_name
+
+
+def test_re_runs_and_loops_with_their_own_params_always_train() -> None:
+    calls: list[int] = []
+
+    def close(trial: Trial) -> None:  # two configs within reach of each other: both re-run
+        calls.append(trial.number)
+        trial.report(0, val_loss={None: 5.0, 0.3: 1.0, 3.0: 1.1}[trial.config.threshold])
+
+    every = [ClipConfig("none"), ClipConfig("global_norm", 0.3), ClipConfig("global_norm", 3.0)]
+    result = cliptune.tune_loop(close, n_trials=6, seed=0, search_space=THREE_POINTS, confirm=2,
+                                baselines=every, **QUIET)
+    trials = result.study.trials
+    reruns = [t.number for t in trials if CONFIRMS_ATTR in t.user_attrs]
+    assert len(reruns) == 2 and calls == [0, 1, 2, *reruns]  # the re-runs repeat, and train
+    assert all("cliptune.duplicate_of" in t.user_attrs for t in trials[3:6])  # the sampled ones
+    calls.clear()
+
+    def own_params(trial: Trial) -> None:
+        calls.append(trial.number)
+        lr = trial.optuna_trial.suggest_float("lr", 0.01, 0.1)  # the loop's own param
+        trial.report(0, val_loss=by_threshold(trial) + lr)
+
+    result = cliptune.tune_loop(own_params, n_trials=6, seed=0, search_space=THREE_POINTS,
+                                **QUIET)
+    assert calls == [t.number for t in result.study.trials]  # every trial trained
+    assert not any("cliptune.duplicate_of" in t.user_attrs for t in result.study.trials)

@@ -195,13 +195,18 @@ def test_stability_pruner_wraps_and_validates() -> None:
         StabilityRules(window=0)
 
 
-def test_a_flat_trial_far_above_the_best_at_the_same_epoch_is_plateaued() -> None:
-    """A dead net (flat at chance) stops with its reason; a slow but improving one does not."""
-    study = optuna.create_study(pruner=StabilityPruner(optuna.pruners.NopPruner()))
+def _with_a_best_trial(rules: StabilityRules = StabilityRules()) -> optuna.Study:
+    study = optuna.create_study(pruner=StabilityPruner(optuna.pruners.NopPruner(), rules))
     best = study.ask()
     for epoch, value in enumerate([1.0, 0.5, 0.3, 0.2, 0.15]):
         best.report(value, epoch)
     study.tell(best, 0.15)
+    return study
+
+
+def test_a_flat_trial_far_above_the_best_at_the_same_epoch_is_plateaued() -> None:
+    """A dead net (flat at chance) stops with its reason; a slow but improving one does not."""
+    study = _with_a_best_trial()
     slow = TrialMonitor(study.ask(), StabilityRules())
     for epoch, value in enumerate([2.0, 1.6, 1.3, 1.1, 0.9]):  # worse, but still learning
         slow.epoch(epoch, {"val_loss": value})
@@ -209,8 +214,13 @@ def test_a_flat_trial_far_above_the_best_at_the_same_epoch_is_plateaued() -> Non
     for epoch in range(5):  # flat, but not 2x the best: the median pruner's to judge
         flat_near.epoch(epoch, {"val_loss": 0.28})
     dead = TrialMonitor(study.ask(), StabilityRules())
-    for epoch in range(3):
-        dead.epoch(epoch, {"val_loss": 2.30})
-    with pytest.raises(optuna.TrialPruned, match="plateaued: val_loss=2.3 at epoch 3"):
-        dead.epoch(3, {"val_loss": 2.30})
+    dead.epoch(0, {"val_loss": 2.30})
+    with pytest.raises(optuna.TrialPruned, match="plateaued: val_loss=2.29 at epoch 1"):
+        dead.epoch(1, {"val_loss": 2.29})  # one flat epoch at chance, far above the best
     assert study.trials[-1].user_attrs["prune_reason"] == "plateaued"
+    patient = TrialMonitor(_with_a_best_trial(StabilityRules(plateau_epochs=3)).ask(),
+                           StabilityRules(plateau_epochs=3))
+    for epoch in range(3):
+        patient.epoch(epoch, {"val_loss": 2.30})
+    with pytest.raises(optuna.TrialPruned, match="plateaued: val_loss=2.3 at epoch 3"):
+        patient.epoch(3, {"val_loss": 2.30})

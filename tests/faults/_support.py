@@ -20,13 +20,14 @@ import optuna
 
 ROOT = Path(__file__).resolve().parents[2]
 T = TypeVar("T")
-JOB = """\
+SPACE_LINE = f"search_space: {Path(__file__).resolve().parent / 'space.yaml'}"  # see the file
+JOB = f"""\
 train: tests.faults.loopjob:train
 n_trials: 6
 seed: 0
-search_space: default
-study: {name: fx, heartbeat: {interval: 1, grace_period: 3}}
-tracking: {enabled: false}
+{SPACE_LINE}
+study: {{name: fx, heartbeat: {{interval: 1, grace_period: 3}}}}
+tracking: {{enabled: false}}
 """
 
 

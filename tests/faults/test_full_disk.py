@@ -51,7 +51,11 @@ def test_a_full_disk_is_one_error_and_loses_nothing(small_disk: Path, tmp_path: 
         "then run the job again."], done.stderr
 
     study = load(small_disk)  # readable, and nothing recorded before is lost
-    assert [t.state for t in study.trials] == [TrialState.COMPLETE] * 3 + [TrialState.RUNNING]
+    states = [t.state for t in study.trials]
+    assert states[:3] == [TrialState.COMPLETE] * 3
+    # Trial 3's end could not be written (RUNNING: the rerun fails and retries it), unless the
+    # store got a few bytes back (a rolled-back journal) in time: then FAIL, and queued again.
+    assert states[3:] in ([TrialState.RUNNING], [TrialState.FAIL, TrialState.WAITING]), states
     best = cli(small_disk, "best", "job.yaml")
     assert best.returncode == 0 and "best of study 'fx'" in best.stdout, best.stderr
 

@@ -14,7 +14,7 @@ from cliptune._study import default_sampler
 from cliptune.result import SURPLUS_ATTR
 from cliptune.space import SearchSpace
 from cliptune.storage import quiet_experimental
-from tests.faults._support import JOB, cli, load, marker, start_cli, wait_for, write_job
+from tests.faults._support import JOB, SPACE_LINE, cli, load, marker, start_cli, wait_for, write_job
 
 pytestmark = pytest.mark.faults
 
@@ -41,7 +41,7 @@ def _sampled(study: optuna.Study) -> list[tuple[tuple[str, object], ...]]:
 def _seeded_job(folder: Path, n_trials: int) -> None:
     """Every trial sampled (no baselines, whose configs are fixed, not sampled)."""
     (folder / "space.yaml").write_text(SPACE)
-    write_job(folder, JOB.replace("search_space: default", "search_space: space.yaml")
+    write_job(folder, JOB.replace(SPACE_LINE, "search_space: space.yaml")
               .replace("n_trials: 6", f"n_trials: {n_trials}") + "baselines: false\n")
 
 
