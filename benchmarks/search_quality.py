@@ -16,7 +16,9 @@ The comparison is *re-trained*: the configs chosen by tune() and by the grid, an
 train again on 3 fresh seeds (1000-1002, the same for all) and their mean validation values are
 compared (a non-finite one counts as infinitely bad). A single run's value is partly luck (the seed
 spread is 5-15% on these tasks), and the grid's best of 25 single runs is the luckiest of all: the
-re-training takes that luck out. Training steps are training-mode forward passes, counted
+re-training takes that luck out. How far it does is ``retrain_noise``: the grid's chosen config
+re-trained on 3 other fresh seeds (2000-2002), the larger over the smaller of the two means, the
+ratio of two measurements of one and the same config. Training steps are training-mode forward passes, counted
 outside cliptune; tune()'s steps include its pruned trials, its baselines and its re-runs.
 
 Targets (median over seeds, worst task): tune's chosen / grid's chosen <= 1.02; tune's steps /
@@ -98,11 +100,12 @@ def run_tune(task: Task, seed: int, n_trials: int, space: str = "default") -> An
     return cliptune.tune(task.counted_model_fn(), task.data, **{**task.tune_kwargs(), **common})
 
 
-def retrained(task: Task, clip: Any, seed: int) -> float:
-    """The mean value of ``clip`` over the fresh training seeds (inf when it is None)."""
+def retrained(task: Task, clip: Any, seed: int, first: int = 1000) -> float:
+    """The mean value of ``clip`` over the fresh training seeds ``first``, ``first + 1``, ...
+    (inf when it is None)."""
     if clip is None:
         return math.inf
-    return float(np.mean([train_fully(task, clip, seed, 1000 + k) for k in range(RETRAIN)]))
+    return float(np.mean([train_fully(task, clip, seed, first + k) for k in range(RETRAIN)]))
 
 
 def one_seed(task: Task, seed: int, n_trials: int, grid: list[Any]) -> dict[str, Any]:
@@ -120,6 +123,7 @@ def one_seed(task: Task, seed: int, n_trials: int, grid: list[Any]) -> dict[str,
     best_default = min(defaults, key=defaults.__getitem__)
     chosen_tune, chosen_grid = retrained(task, result.best_config, seed), retrained(
         task, best_grid, seed)
+    again = retrained(task, best_grid, seed, first=2000)  # the same config, other fresh seeds
     return {"task": task.name, "seed": seed, "tune_config": str(result.best_config),
             "tune_value": result.best_value, "tune_values": result.best_values,
             "grid_config": str(best_grid), "grid_best": min(grid_values),
@@ -127,6 +131,7 @@ def one_seed(task: Task, seed: int, n_trials: int, grid: list[Any]) -> dict[str,
             "best_default": defaults[best_default], "best_default_name": best_default,
             **{f"default {k}": v for k, v in defaults.items()},
             "chosen_tune_vs_grid": chosen_tune / chosen_grid,
+            "retrain_noise": max(again / chosen_grid, chosen_grid / again),
             "tune_vs_best_default": chosen_tune / defaults[best_default],
             "tune_steps": tune_steps[0], "grid_steps": grid_steps[0],
             "steps_vs_grid": tune_steps[0] / grid_steps[0], "tune_seconds": tune_s,
@@ -165,7 +170,8 @@ def run(n_trials: int = N_TRIALS, seeds: tuple[int, ...] = SEEDS,
         per_seed += found
         row = {"task": name, **{key: median([r[key] for r in found]) for key in (
             "tune_chosen", "grid_chosen", "best_default", "chosen_tune_vs_grid",
-            "tune_vs_best_default", "steps_vs_grid", "tune_steps", "grid_steps")},
+            "tune_vs_best_default", "steps_vs_grid", "tune_steps", "grid_steps",
+            "retrain_noise")},
                "tune_configs": " | ".join(r["tune_config"].removeprefix("ClipConfig(")[:-1] for r in found)}
         if "adaptive_vs_tune" in found[0]:
             row.update(adaptive_vs_tune=median([r["adaptive_vs_tune"] for r in found]),
@@ -192,7 +198,7 @@ def run(n_trials: int = N_TRIALS, seeds: tuple[int, ...] = SEEDS,
     kwargs = {} if out_dir is None else {"out_dir": out_dir}
     return report("search_quality", "Search quality (median of seeds, re-trained)", rows,
                   ["task", "tune_chosen", "grid_chosen", "best_default", "chosen_tune_vs_grid",
-                   "tune_vs_best_default", "steps_vs_grid", "tune_steps", "grid_steps",
+                   "retrain_noise", "tune_vs_best_default", "steps_vs_grid", "tune_steps", "grid_steps",
                    "adaptive_vs_tune", "adaptive_default_vs_fixed", "adaptive_chosen",
                    "tune_configs"], targets, meta, **kwargs)
 

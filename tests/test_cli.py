@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import re
@@ -401,7 +402,8 @@ def test_ui_says_where_once_the_server_answers_and_masks_passwords(tmp_path: Pat
     env = {k: v for k, v in os.environ.items() if k != "MLFLOW_TRACKING_URI"}
     proc = subprocess.Popen([sys.executable, "-m", "cliptune", "ui", "--port", str(port),
                              "--tracking-uri", store], cwd=tmp_path, env=env,
-                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
+                            start_new_session=True)
     try:
         lines = []
         deadline = time.monotonic() + 240
@@ -415,7 +417,11 @@ def test_ui_says_where_once_the_server_answers_and_masks_passwords(tmp_path: Pat
             assert answer.status == 200
     finally:
         proc.send_signal(signal.SIGINT)
-        proc.communicate(timeout=120)  # reads what it still writes: a full pipe would stall it
+        try:
+            proc.communicate(timeout=120)  # reads what it still writes: a full pipe would stall it
+        finally:
+            with contextlib.suppress(ProcessLookupError):
+                os.killpg(proc.pid, signal.SIGKILL)  # no server of it outlives the test
     secret = subprocess.Popen([sys.executable, "-m", "cliptune", "ui", "--port", str(_free_port()),
                                "--tracking-uri", "postgresql://bob:hunter2@127.0.0.1:1/none"],
                               cwd=tmp_path, env=env, stdout=subprocess.PIPE,
