@@ -8,6 +8,7 @@ URI is masked in every line.
 from __future__ import annotations
 
 import os
+import signal
 import subprocess
 import sys
 import threading
@@ -39,8 +40,13 @@ def _relay(stream: IO[str], secret: str | None) -> None:
         sys.stderr.flush()
 
 
+def _stop(signum: int, frame: object) -> None:
+    raise KeyboardInterrupt
+
+
 def serve_ui(uri: str, port: int) -> int:
-    """Run ``mlflow ui`` on 127.0.0.1:``port`` for ``uri`` until Ctrl-C; its exit status."""
+    """Run ``mlflow ui`` on 127.0.0.1:``port`` for ``uri`` until Ctrl-C or SIGTERM; its exit
+    status (0 when stopped so)."""
     command = [sys.executable, "-m", "mlflow", "ui", "--backend-store-uri", uri,
                "--default-artifact-root", Path("mlruns").resolve().as_uri(),
                "--host", "127.0.0.1", "--port", str(port)]
@@ -55,6 +61,8 @@ def serve_ui(uri: str, port: int) -> int:
                                text=True, bufsize=1, env=env)
     relay = threading.Thread(target=_relay, args=(process.stdout, secret), daemon=True)
     relay.start()
+    for signum in (signal.SIGINT, signal.SIGTERM):  # a kill, or a Ctrl-C that a shell running us
+        signal.signal(signum, _stop)  # in the background would leave ignored: stop the server too
     try:
         deadline = time.monotonic() + STARTUP_TIMEOUT_S
         while process.poll() is None and not _answers(url):

@@ -266,8 +266,12 @@ def fail_stale_trials(study: optuna.Study, heartbeat: Heartbeat) -> None:
 
 @contextmanager
 def beating(trial: optuna.Trial, heartbeat: Heartbeat | None) -> Iterator[None]:
-    """Stamp a running trial on a journal storage every ``interval`` seconds (RDB beats by itself)."""
+    """Stamp a running trial on a journal storage every ``interval`` seconds. An RDB storage beats
+    in a thread of Optuna's, which may not have beaten yet when the trial starts: one beat first,
+    since Optuna never finds a RUNNING trial without any beat stale (a rerun would wait forever)."""
     storage = trial.storage
+    if heartbeat is not None and has_native_heartbeat(storage):
+        storage.record_heartbeat(trial._trial_id)  # type: ignore[attr-defined]
     if heartbeat is None or not isinstance(storage, optuna.storages.JournalStorage):
         yield
         return

@@ -96,3 +96,29 @@ def test_psycopg2_urls_are_accepted(pg_url: str) -> None:
     url = pg_url.replace("postgresql://", "postgresql+psycopg2://")
     study = optuna.create_study(storage=open_storage(url), study_name="p2")
     assert study.study_name == "p2"
+
+
+def test_a_trial_has_beaten_before_it_trains(tmp_path: Path,
+                                             monkeypatch: pytest.MonkeyPatch) -> None:
+    """Optuna never finds a RUNNING trial without any heartbeat stale, and its heartbeat thread
+    may beat after the trial has started (or a kill may come first): a rerun would then wait for
+    that trial forever. Here Optuna's thread never beats; the trial has its beat all the same."""
+    import sqlite3
+
+    import cliptune
+
+    monkeypatch.setattr(optuna.storages._heartbeat.HeartbeatThread, "_record_heartbeat",
+                        staticmethod(lambda *args: None))
+    db = tmp_path / "study.db"
+    beats: list[int] = []
+
+    def train(trial: cliptune.Trial) -> None:
+        with sqlite3.connect(db) as conn:
+            beats.append(conn.execute("SELECT COUNT(*) FROM trial_heartbeats h JOIN trials t "
+                                      "ON h.trial_id = t.trial_id WHERE t.number = ?",
+                                      (trial.number,)).fetchone()[0])
+        trial.report(0, val_loss=1.0)
+
+    cliptune.tune_loop(train, n_trials=2, seed=0, storage=f"sqlite:///{db}", tracking=False,
+                       show_progress=False, heartbeat=Heartbeat(1, 3))
+    assert beats == [1, 1]
