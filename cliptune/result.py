@@ -98,11 +98,12 @@ class TuneResult:
         return f" (mean of {len(self.best_values)} runs on different seeds, std {self.best_std:.3g})"
 
     def best_table(self, top: int = 5) -> str:
-        """The ``top`` completed trials, best first, as a plain-text table."""
+        """The ``top`` completed trials (duplicates left out), best first, as a plain-text table."""
         frame = self.trials_dataframe()
         if frame.empty or self.best_value is None:
             return "No trial completed yet."
-        frame = frame[frame["state"] == "COMPLETE"]
+        frame = frame[(frame["state"] == "COMPLETE")  # a duplicate repeats its twin's row
+                      & ~frame["role"].str.startswith("duplicate of")]
         maximize = self.study.direction.name == "MAXIMIZE"
         frame = frame.sort_values("value", ascending=not maximize).head(top)
         drop = ["state", "prune_reason", "error", "duration_s"] + (

@@ -286,6 +286,7 @@ def test_a_repeated_config_takes_its_twins_outcome_untrained(mlflow_uri: str) ->
             assert this.intermediate_values == first.intermediate_values
     roles = result.trials_dataframe().set_index("number")["role"]
     assert {roles[n] for n in twins} == {f"duplicate of {t}" for t in twins.values()}
+    assert "duplicate of" not in result.best_table()  # each config once
     assert result.best_trial == trials[result.best_trial].number and result.best_value == \
         pytest.approx(1.0)  # global_norm 0.3, trained once
     from mlflow import MlflowClient
