@@ -78,6 +78,12 @@ def connect(uri_arg: str | None, experiment: str) -> tuple[str, Any, str]:
         # MLflow prints two links per ended run, from the URI as given (password included);
         # cliptune logs its own, masked, once.
         os.environ.setdefault("MLFLOW_SUPPRESS_PRINTING_URL_TO_STDOUT", "true")
+    elif uri.startswith("sqlite:///"):
+        # A fresh sqlite connection for each of MLflow's sessions: a pooled one that saw a write
+        # fail on a locked store could keep its lock, and the other workers' writes (and its own
+        # retries) then failed until the process ended (tests/faults/test_local_store.py, under
+        # load). Only where the user set no pool of their own.
+        os.environ.setdefault("MLFLOW_SQLALCHEMYSTORE_POOLCLASS", "NullPool")
     with sqlite_lock(uri):  # MLflow migrates a fresh store on first use
         client = mlflow.MlflowClient(tracking_uri=uri)
         found = client.get_experiment_by_name(experiment)
