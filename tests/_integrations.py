@@ -75,12 +75,10 @@ def check_stable_and_exploding(fit: Callable[[Trial], Any], tmp_path: Path, step
     assert runs[1]["cliptune.prune_reason"] == exploding.user_attrs["prune_reason"]
 
 
-def check_fp16_overflow(train: Callable[[Trial], Any], tmp_path: Path, steps: int,
-                        models: list[Any]) -> None:
-    """A global norm 0.05 trial under a GradScaler whose first steps overflow: it completes, the
-    skipped steps are counted, the optimizer sees exactly the other steps with the unscaled
-    gradients clipped to 0.05, and the losses reach the rules unscaled. ``train`` appends its
-    model (which records ``seen`` norms and step ``losses``) to ``models``."""
+def overflowed_trial(train: Callable[[Trial], Any], tmp_path: Path,
+                     steps: int) -> tuple[list[dict[str, float]], int]:
+    """A global norm 0.05 trial whose first steps overflow in float16: it completes with some,
+    not all, of its ``steps`` counted as skipped. Its epoch history and the skipped count."""
     study = tune_enqueued(train, tmp_path,
                           [{"clip_mode": "global_norm", "clip_threshold_global_norm": 0.05}], SPACE)
     (trial,) = study.trials
@@ -88,6 +86,16 @@ def check_fp16_overflow(train: Callable[[Trial], Any], tmp_path: Path, steps: in
     assert trial.state is optuna.trial.TrialState.COMPLETE
     skipped = sum(h["skipped_steps"] for h in history)
     assert 0 < skipped < steps
+    return history, skipped
+
+
+def check_fp16_overflow(train: Callable[[Trial], Any], tmp_path: Path, steps: int,
+                        models: list[Any]) -> None:
+    """A global norm 0.05 trial under a GradScaler whose first steps overflow: it completes, the
+    skipped steps are counted, the optimizer sees exactly the other steps with the unscaled
+    gradients clipped to 0.05, and the losses reach the rules unscaled. ``train`` appends its
+    model (which records ``seen`` norms and step ``losses``) to ``models``."""
+    history, skipped = overflowed_trial(train, tmp_path, steps)
     model = models[0]
     assert len(model.seen) == steps - skipped  # the scaler skipped exactly the counted steps
     # the clip acts on unscaled gradients: t, not t / 2**k, reaches the optimizer

@@ -23,6 +23,7 @@ from tests._integrations import (  # noqa: E402
     a_trial,
     check_auto_probe,
     check_stable_and_exploding,
+    overflowed_trial,
     tune_enqueued,
 )
 from tests.conftest import pin_tensorflow_threads  # noqa: E402
@@ -139,13 +140,7 @@ def test_mixed_float16_overflow_steps_are_counted_not_pruned_and_the_clip_sees_u
         finally:
             keras.mixed_precision.set_global_policy("float32")
 
-    study = tune_enqueued(train, tmp_path,
-                          [{"clip_mode": "global_norm", "clip_threshold_global_norm": 0.05}], SPACE)
-    (trial,) = study.trials
-    history = trial.user_attrs["history"]
-    assert trial.state is optuna.trial.TrialState.COMPLETE
-    skipped = sum(h["skipped_steps"] for h in history)
-    assert 0 < skipped < STEPS
+    history, skipped = overflowed_trial(train, tmp_path, STEPS)
     taken = [n for n in updates.norms if n > 0]
     assert len(taken) == STEPS - skipped  # the wrapper skipped exactly the counted steps
     assert taken == pytest.approx([0.05] * len(taken), rel=1e-3)  # t on unscaled gradients
