@@ -13,7 +13,7 @@ import time
 from benchmarks._common import ROOT
 
 ORDER = ["clip_kernels", "loop_overhead", "threads", "keras_overhead", "integrations_overhead",
-         "tracking_overhead", "tuner_overhead", "parallel_scaling", "pruning_savings",
+         "tracking_overhead", "tuner_overhead", "parallel_scaling", "pruning_savings", "stability_replay",
          "search_quality"]
 
 

@@ -34,6 +34,7 @@ SECTIONS = [  # (result name, columns shown), in the order of ``python -m benchm
     ("parallel_scaling", []),
     ("pruning_savings", ["task", "pruning", "steps", "steps_vs_off", "best_value", "best_vs_off",
                          "complete", "pruned", "failed", "prune_reasons", "plateau_replay", "seconds"]),
+    ("stability_replay", []),
     ("search_quality", ["task", "tune_chosen", "grid_chosen", "best_default", "chosen_tune_vs_grid",
                         "retrain_noise", "tune_vs_best_default", "steps_vs_grid", "tune_steps", "grid_steps",
                         "adaptive_vs_tune", "adaptive_default_vs_fixed", "adaptive_chosen"]),

@@ -64,10 +64,12 @@ def grid_configs(n: int = 8) -> list[Any]:
     return configs
 
 
-def train_fully(task: Task, clip: Any, seed: int, train_seed: int | None = None) -> float:
+def train_fully(task: Task, clip: Any, seed: int, train_seed: int | None = None,
+                monitor: Any = None) -> float:
     """One configuration trained to its last epoch, no pruning; its last validation value.
 
-    ``seed`` picks the split (as in tune()); ``train_seed`` the initialisation and batches.
+    ``seed`` picks the split (as in tune()); ``train_seed`` the initialisation and batches;
+    ``monitor`` a TrialMonitor without rules (one is made when None).
     """
     import optuna
 
@@ -77,8 +79,9 @@ def train_fully(task: Task, clip: Any, seed: int, train_seed: int | None = None)
     from cliptune.monitor import TrialMonitor
 
     train_seed = seed if train_seed is None else train_seed
-    monitor = TrialMonitor(optuna.create_study(pruner=optuna.pruners.NopPruner()).ask(), None,
-                           metric=getattr(task, "metric", "val_loss"))
+    if monitor is None:
+        monitor = TrialMonitor(optuna.create_study(pruner=optuna.pruners.NopPruner()).ask(), None,
+                               metric=getattr(task, "metric", "val_loss"))
     if isinstance(task, LoopTask):
         task.counted_train()(Trial(clip, {}, 0, train_seed, monitor))
     else:

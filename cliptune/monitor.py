@@ -127,7 +127,8 @@ class TrialMonitor:
         log_loss = math.log(loss) if loss > 0 else -math.inf
         rise = loss - self._spike_median
         scale = self._reference if self._reference > 0 else max(self._first, default=0.0)
-        if log_loss > self._spike_bar and rise > rules.spike_min_rise * scale:
+        learned = self._spike_median < (1 - rules.spike_min_fall) * scale or not rules.spike_min_fall
+        if log_loss > self._spike_bar and rise > rules.spike_min_rise * scale and learned:
             self._spikes.append(self.steps)
         while self._spikes and self._spikes[0] <= self.steps - rules.window:
             self._spikes.popleft()

@@ -12,7 +12,11 @@ A trial is stopped at once, with its reason, when training becomes unstable:
   loss lies more than ``spike_z`` robust standard deviations (1.4826 x MAD) above the median of the
   preceding window, *and* the loss rose by more than ``spike_min_rise`` x the trial's first loss
   above that median. The second test keeps a converging run alive: near zero, ordinary minibatch
-  noise is large in log space but tiny on the loss's own scale.
+  noise is large in log space but tiny on the loss's own scale. Spikes count only once the
+  window's median loss is below ``1 - spike_min_fall`` x the first loss: a net still at its
+  starting loss (an IRNN at chance) that jumps about has learned nothing to lose yet, and such runs
+  went on to end among the best (``benchmarks/stability_replay.py`` replays the rules on unpruned
+  runs); ``diverged`` and ``plateaued`` judge it meanwhile.
 - ``skipped_steps``: more than ``max_skipped_steps`` steps in a row skipped by a ``GradScaler``
   (its scale keeps falling, so the gradients overflow in any precision).
 - ``plateaued``: the reported metric has stayed within ``plateau_tolerance`` (relative, up or down)
@@ -51,6 +55,7 @@ class StabilityRules:
     divergence_factor: float = 10.0
     spike_z: float = 6.0
     spike_min_rise: float = 0.1
+    spike_min_fall: float = 0.1
     max_spikes: int = 3
     window: int = 50
     warmup_steps: int = 10
@@ -66,6 +71,10 @@ class StabilityRules:
         for name in ("max_spikes", "window", "warmup_steps", "max_skipped_steps",
                      "plateau_epochs"):
             check_positive_int(getattr(self, name), name, "StabilityRules")
+        if not (isinstance(self.spike_min_fall, (int, float)) and 0 <= self.spike_min_fall < 1):
+            raise ValueError("The 'spike_min_fall' parameter of StabilityRules must be a float in "
+                             f"[0, 1) (0 counts spikes from the first step). Got "
+                             f"{self.spike_min_fall!r} instead.")
         if self.divergence_factor <= 1:
             raise ValueError("The 'divergence_factor' parameter of StabilityRules must be > 1. "
                              f"Got {self.divergence_factor!r} instead.")

@@ -79,15 +79,20 @@ def test_divergence_against_the_best_epoch() -> None:
         monitor.epoch(1, {"train_loss": 0.5, "val_loss": 0.5})
 
 
+def _learning(n: int) -> list[float]:
+    """A loss that falls from 1.0 to 0.5 over 100 steps, then stays there with 5% noise."""
+    return list(np.linspace(1.0, 0.5, 100)) + _noisy(n - 100, level=0.5)
+
+
 def test_repeated_spikes_prune_but_one_spike_does_not() -> None:
-    one = _noisy(200)
-    one[100] = 3.0
+    one = _learning(200)
+    one[150] = 3.0
     assert _feed(_monitor(), one) == -1
-    many = _noisy(200)
-    for i in (100, 110, 120):
+    many = _learning(200)
+    for i in (150, 160, 170):
         many[i] = 3.0
     monitor = _monitor()
-    assert _feed(monitor, many) == 120
+    assert _feed(monitor, many) == 170
     assert monitor.reporter.study.trials[0].user_attrs["prune_reason"] == "spiking"
 
 
@@ -102,6 +107,30 @@ def test_a_converging_run_with_near_zero_noisy_loss_is_not_spiking() -> None:
     assert _feed(_monitor(), start + tail) == -1
     old = _monitor(StabilityRules(spike_min_rise=1e-12))  # the log-only rule, for contrast
     assert _feed(old, start + tail) > 0
+
+
+def test_a_net_at_chance_that_jumps_about_before_it_learns_is_not_spiking() -> None:
+    """An IRNN on digits at chance (loss ln 10, nearly flat) jumps to 1.4-3.4x a few times, then
+    learns and ends among the best configs: spikes count only once the loss has fallen 10% below
+    its first value. Counted from the first step, the same jumps stopped it."""
+    losses = _noisy(200, level=2.3, seed=3)
+    for i, jump in ((53, 3.3), (57, 7.9), (67, 3.4), (84, 3.4)):
+        losses[i] = jump
+    learning = np.linspace(2.3, 0.8, 200) * np.exp(np.random.default_rng(4).normal(0, 0.05, 200))
+    losses += list(learning)
+    assert _feed(_monitor(), losses) == -1
+    assert _feed(_monitor(StabilityRules(spike_min_fall=0)), losses) == 67
+    late = list(losses)
+    for i in (350, 360, 370):
+        late[i] = 3.0  # the same jumps once it has learned: spiking
+    assert _feed(_monitor(), late) == 370
+
+
+@pytest.mark.parametrize("bad", [-0.1, 1.0, 2, "0.1", None])
+def test_spike_min_fall_must_lie_in_0_1(bad: object) -> None:
+    with pytest.raises(ValueError, match=r"'spike_min_fall' parameter of StabilityRules must be "
+                                         r"a float in \[0, 1\)"):
+        StabilityRules(spike_min_fall=bad)  # type: ignore[arg-type]
 
 
 def test_a_real_spike_series_near_zero_is_still_caught() -> None:
