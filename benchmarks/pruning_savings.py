@@ -9,7 +9,10 @@ task (``benchmarks/tasks.py``):
   exploded one ends FAIL with a NaN value);
 - ``rules``: ``StabilityPruner(NopPruner())``: the stability rules alone;
 - ``default``: ``StabilityPruner()``: the rules (``plateaued`` included) and the MedianPruner
-  from the first epoch, what ``tune()`` uses.
+  from the second epoch, what ``tune()`` uses;
+- ``patient``: the rules and Optuna's ``PatientPruner(MedianPruner(n_warmup_steps=0),
+  patience=0)``: the median's verdict from the first epoch on, but only at an epoch where the trial
+  did not improve on its own best (the alternative measured against the default).
 
 Baselines are on in all three, the confirmation re-runs off (they are the same in all three, and
 ``search_quality`` counts them).
@@ -28,6 +31,7 @@ studies part ways after that: each is the study a user would get.
 from __future__ import annotations
 
 import time
+import warnings
 from collections import Counter
 from typing import Any
 
@@ -46,6 +50,11 @@ def _pruner(kind: str) -> Any:
         return StabilityPruner(optuna.pruners.NopPruner(), rules=None)
     if kind == "rules":
         return StabilityPruner(optuna.pruners.NopPruner())
+    if kind == "patient":
+        with warnings.catch_warnings():  # PatientPruner is marked experimental
+            warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
+            return StabilityPruner(optuna.pruners.PatientPruner(
+                optuna.pruners.MedianPruner(n_startup_trials=5, n_warmup_steps=0), patience=0))
     return StabilityPruner()
 
 
@@ -98,7 +107,7 @@ def run(n_trials: int = N_TRIALS, tasks: tuple[str, ...] = tuple(TASKS),
     rows = []
     for name in tasks:
         task = TASKS[name]()
-        found = {kind: study(task, kind, n_trials) for kind in ("off", "rules", "default")}
+        found = {kind: study(task, kind, n_trials) for kind in ("off", "rules", "default", "patient")}
         off = found["off"]
         for kind, r in found.items():
             rows.append({"task": name, "pruning": kind, **r,

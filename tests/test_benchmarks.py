@@ -31,3 +31,24 @@ def test_clip_kernels_writes_a_table_and_json(tmp_path: Path, capsys: pytest.Cap
 def test_unknown_benchmark_name_is_refused(capsys: pytest.CaptureFixture[str]) -> None:
     assert main(["clip_kernel"]) == 2
     assert "Unknown benchmark 'clip_kernel'; choose from clip_kernels" in capsys.readouterr().err
+
+
+def test_stability_replay_records_every_step_and_replays_the_real_rules() -> None:
+    """One real run recorded without rules: one loss per counted training step; replayed through a
+    real TrialMonitor, a non-finite step stops it, and an untrained net's jumps stop it only when
+    spikes count from the first step."""
+    from benchmarks import stability_replay
+    from benchmarks.tasks import TASKS, counting
+    from cliptune import ClipConfig, StabilityRules
+
+    task = TASKS["digits_rows"]()
+    with counting(task, checked=False) as steps:
+        value, losses = stability_replay.recorded_run(task, ClipConfig("global_norm", 0.5), 0)
+    assert value > 0 and len(losses) == steps[0] > 0
+    assert stability_replay.replay(losses + [float("nan")], StabilityRules()) == (
+        "nonfinite", len(losses) + 1)
+    at_chance = [2.3 * (1 + 0.01 * (i % 3)) for i in range(60)]
+    for i in (30, 40, 50):
+        at_chance[i] = 6.0
+    assert stability_replay.replay(at_chance, StabilityRules()) is None
+    assert stability_replay.replay(at_chance, StabilityRules(spike_min_fall=0)) == ("spiking", 51)
