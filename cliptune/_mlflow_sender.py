@@ -7,7 +7,9 @@ outage costs no training time and loses no record: what piled up is sent when th
 again (the sender says when it stops and starts answering). Any other failure (the experiment
 deleted, a full disk, a refused login) stops the sending, and the tracker says so. On a sqlite
 store every call holds the store's file lock, so the workers of one machine write one at a time.
-:meth:`Sender.close` waits a bounded time for what is left.
+:meth:`Sender.close` waits for what is left while the store keeps answering, and gives up once it
+has not answered for its timeout: a slow store (four workers taking turns on a sqlite file after a
+lock, each call waiting out MLflow's 20 s busy timeout) loses nothing, a dead one costs the timeout.
 """
 
 from __future__ import annotations
@@ -49,7 +51,8 @@ class Sender:
         self._client, self._uri, self._remote = client, uri, remote
         self._queue: deque[Call] = deque()
         self._wake = threading.Condition()
-        self._deadline: float | None = None  # set by close()
+        self._deadline: float | None = None  # set by close(), moved on by every answered call
+        self._grace = 0.0  # close()'s timeout
         self.failure: BaseException | None = None  # sending stopped for good
         self.last_error: BaseException | None = None
         self.down_since: float | None = None  # monotonic time of the first unanswered call
@@ -74,12 +77,19 @@ class Sender:
             return len(self._queue)
 
     def close(self, timeout: float) -> int:
-        """Wait up to ``timeout`` seconds for the queued calls; how many were not made."""
+        """Wait for the queued calls until the store has not answered for ``timeout`` seconds;
+        how many were not made."""
         with self._wake:
+            self._grace = timeout
             self._deadline = time.monotonic() + timeout
             self._wake.notify_all()
         # A call stuck in MLflow's own retries is left to the daemon thread when time is up.
-        self._thread.join(timeout + 0.5)
+        while self._thread.is_alive():
+            with self._wake:
+                left = self._deadline - time.monotonic()
+            if left <= -0.5:
+                break
+            self._thread.join(min(max(left, 0.0) + 0.5, 1.0))
         return self.pending
 
     def _loop(self) -> None:
@@ -95,6 +105,8 @@ class Sender:
                 return
             with self._wake:
                 self._queue.popleft()
+                if self._deadline is not None:  # the store answers: closing waits on
+                    self._deadline = max(self._deadline, time.monotonic() + self._grace)
 
     def _make(self, call: Call) -> bool:
         """Make one call, again after a pause while the store does not answer; False: stop."""

@@ -97,9 +97,9 @@ class MlflowTracker(Tracker):
 
     A failing store never costs tuning work. Unreachable at the start, it is a ``ValueError``
     before any trial. Later, trials never wait for it: records are kept while it does not answer
-    and sent when it answers again; the job's end waits at most ``flush_timeout_s`` for them, then
-    says what was not sent. Any other failure is a warning, and the job goes on untracked; the
-    Optuna storage keeps every result either way.
+    and sent when it answers again; the job's end waits for them while the store answers, at most
+    ``flush_timeout_s`` without an answer, then says what was not sent. Any other failure is a
+    warning, and the job goes on untracked; the Optuna storage keeps every result either way.
 
     Args:
         tracking_uri: An MLflow tracking URI (``http://user:password@host:port`` sends basic
@@ -110,7 +110,8 @@ class MlflowTracker(Tracker):
         flush_every_s: Seconds between sends of a running trial's params and metrics (at most
             one send an epoch, plus one at the trial's end); ``0`` sends every epoch. The nested
             run itself, named after its clip, is created when the trial starts.
-        flush_timeout_s: Seconds the job's end waits for records still unsent (a server down).
+        flush_timeout_s: Seconds without an answer from the store after which the job's end stops
+            waiting for records still unsent (a server down).
 
     Example:
         >>> tracker = MlflowTracker("sqlite:///mlflow.db", experiment="rnn-clipping")
@@ -241,16 +242,18 @@ class MlflowTracker(Tracker):
             self._drain(job_end=False)
 
     def _drain(self, job_end: bool = True) -> None:
-        """Wait (at most ``flush_timeout_s``) for the calls still queued; say what was not sent."""
+        """Wait for the calls still queued (until the store has not answered for
+        ``flush_timeout_s``); say what was not sent."""
         left = self._sender.close(self.flush_timeout_s)  # type: ignore[union-attr]
         self._report()
         if left or self._sender.dropped:  # type: ignore[union-attr]
             error = self._sender.last_error  # type: ignore[union-attr]
             why = ("MLflow's client was still trying its call" if error is None else
                    describe(self.tracking_uri, error))
-            log.warning("MLflow at %s: %d tracking call(s) of this job were not sent in the %.0f s "
-                        "its end waits (%s), so its parent run is left RUNNING there; the next "
-                        "run of the study closes it. The Optuna study has every result.",
+            log.warning("MLflow at %s: %d tracking call(s) of this job were not sent: the store "
+                        "did not answer for the %.0f s its end waits (%s), so its parent run is "
+                        "left RUNNING there; the next run of the study closes it. The Optuna "
+                        "study has every result.",
                         mask_url(self.tracking_uri), left + self._sender.dropped,  # type: ignore[union-attr]
                         self.flush_timeout_s, why)
         elif job_end and not self.broken:

@@ -9,7 +9,10 @@ every worker is in it. The lock is released only after the store has refused a w
 from __future__ import annotations
 
 import sqlite3
+import time
+from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 import pytest
 from optuna.trial import TrialState
@@ -51,3 +54,30 @@ def test_four_workers_track_every_trial_though_the_store_is_locked(tmp_path: Pat
     assert sorted(runs) == list(range(8)) and {r.info.status for r in runs.values()} == {"FINISHED"}
     assert all(r.data.metrics["value"] == pytest.approx(1 / (n + 1), abs=0.01)
                for n, r in runs.items())
+
+
+def test_the_end_waits_on_while_a_slow_store_keeps_answering(tmp_path: Path) -> None:
+    """The end's wait counts from the store's last answer, not from its own start: a store that
+    answers each call but slowly (four workers taking turns on one sqlite file after a lock) gets
+    every record, in order, though sending them takes twice that wait."""
+    import mlflow
+
+    from cliptune._mlflow_sender import Sender
+
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    client = mlflow.MlflowClient(tracking_uri=uri)
+    run = client.create_run(client.create_experiment("slow")).info.run_id
+    sender = Sender(client, uri, remote=False)
+
+    def slow(step: int) -> Callable[[Any], None]:
+        def call(c: Any) -> None:
+            time.sleep(0.6)  # the store's turn comes late
+            c.log_metric(run, "m", float(step), step=step)
+        return call
+
+    for step in range(8):
+        sender.submit(slow(step))
+    start = time.monotonic()
+    assert sender.close(2.0) == 0
+    assert time.monotonic() - start > 4.0  # 8 x 0.6 s: the wait went on past its 2 s
+    assert [m.value for m in client.get_metric_history(run, "m")] == [float(s) for s in range(8)]
