@@ -242,8 +242,7 @@ class MlflowTracker(Tracker):
             self._drain(job_end=False)
 
     def _drain(self, job_end: bool = True) -> None:
-        """Wait for the calls still queued (until the store has not answered for
-        ``flush_timeout_s``); say what was not sent."""
+        """Wait for the calls queued while the store answers; say what was not sent."""
         left = self._sender.close(self.flush_timeout_s)  # type: ignore[union-attr]
         self._report()
         if left or self._sender.dropped:  # type: ignore[union-attr]
@@ -253,9 +252,8 @@ class MlflowTracker(Tracker):
             log.warning("MLflow at %s: %d tracking call(s) of this job were not sent: the store "
                         "did not answer for the %.0f s its end waits (%s), so its parent run is "
                         "left RUNNING there; the next run of the study closes it. The Optuna "
-                        "study has every result.",
-                        mask_url(self.tracking_uri), left + self._sender.dropped,  # type: ignore[union-attr]
-                        self.flush_timeout_s, why)
+                        "study has every result.", mask_url(self.tracking_uri),
+                        left + self._sender.dropped, self.flush_timeout_s, why)  # type: ignore[union-attr]
         elif job_end and not self.broken:
             self._log_links("the tuning job is recorded in")
 
