@@ -58,6 +58,7 @@ METRICS_NOTE = """Metrics of this trial, per epoch (step = epoch):
 - `clip_coef_mean`: their ratio, post / pre (1 when nothing was clipped).
 - `clip_fraction`: the share of steps the clip changed anything.
 - `skipped_steps`: steps a GradScaler skipped for inf/NaN gradients (mixed precision).
+- `steps`: the training steps the trial has run so far (its cost).
 - `train_loss` (mean step loss), `val_loss` and the loop's own metrics; `value` is the trial's value.
 """
 
@@ -185,7 +186,7 @@ def parent_summary(result: TuneResult) -> tuple[list[Any], list[Any], list[Any],
         tags["cliptune.best_trial"] = str(result.best_trial)
     now = int(time.time() * 1000)
     counts = {"best_value": result.best_value, "n_complete": result.n_complete,
-              "n_pruned": result.n_pruned, "n_failed": result.n_failed}
+              "n_pruned": result.n_pruned, "n_failed": result.n_failed, "n_steps": result.n_steps}
     if len(result.best_values) > 1:  # the winner was confirmed on fresh seeds: its spread
         counts.update(best_value_std=result.best_std, best_n_runs=len(result.best_values))
     folder = Path(tempfile.mkdtemp(prefix="cliptune-"))

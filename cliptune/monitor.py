@@ -186,6 +186,8 @@ class TrialMonitor:
                          clip_coef_mean=self._coef_sum / self._n_post)
         if self._saw_skip_flag:
             stats["skipped_steps"] = float(self._skipped)
+        if self.steps:  # so far, all epochs: what the trial has cost
+            stats["steps"] = float(self.steps)
         self._reset_epoch()
         self._epoch = epoch + 1
         self.history.append(stats)

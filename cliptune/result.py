@@ -70,7 +70,8 @@ class TuneResult:
         return result
 
     def trials_dataframe(self) -> pd.DataFrame:
-        """One row a trial: number, state, clip_mode, clip_threshold, extras, value, prune_reason."""
+        """One row a trial: number, state, clip_mode, clip_threshold, extras, value, role,
+        prune_reason, error, steps (trained, 0 for a duplicate), duration_s."""
         import pandas as pd
 
         rows = []
@@ -80,16 +81,25 @@ class TuneResult:
                 clip, extras = config_from_params(t.params)
                 row.update(clip_mode=clip.mode.value, clip_threshold=clip.threshold, **extras)
             row.update(value=t.value, role=_role(t), prune_reason=t.user_attrs.get("prune_reason"),
-                       error=t.user_attrs.get("error"),
+                       error=t.user_attrs.get("error"), steps=steps_of(t),
                        duration_s=t.duration.total_seconds() if t.duration else None)
             rows.append(row)
         return pd.DataFrame(rows)
 
 
+    @property
+    def n_steps(self) -> int:
+        """Training steps the study spent, every trial's (pruned ones and re-runs included): its
+        cost. Counted by the trials' monitors; 0 for a loop that reports no steps."""
+        return sum(steps_of(t) for t in self.study.get_trials(deepcopy=False))
+
     def counts_line(self) -> str:
-        """``20 trials: 6 complete, 14 pruned, 0 failed`` (re-runs and surplus trials left out)."""
+        """``20 trials: 6 complete, 14 pruned, 0 failed; 4368 training steps`` (re-runs and
+        surplus trials left out of the counts, not of the steps)."""
         n = self.n_complete + self.n_pruned + self.n_failed
-        return f"{n} trials: {self.n_complete} complete, {self.n_pruned} pruned, {self.n_failed} failed"
+        steps = self.n_steps
+        return (f"{n} trials: {self.n_complete} complete, {self.n_pruned} pruned, "
+                f"{self.n_failed} failed" + (f"; {steps} training steps" if steps else ""))
 
     def spread_text(self) -> str:
         """How the winner did over its runs, when re-runs confirmed it; else empty."""
@@ -120,6 +130,13 @@ class TuneResult:
                          f"{self.best_value:.6g}{self.spread_text()}")
         return "\n".join(lines)
 
+def steps_of(trial: Any) -> int:
+    """The training steps a trial ran, from its last epoch's statistics (0 when it trained none,
+    or failed before an epoch closed)."""
+    history = trial.user_attrs.get("history") or []
+    return int(history[-1].get("steps", 0)) if history else 0
+
+
 def _role(trial: Any) -> str:
     """Why a trial ran: searched, a baseline, transferred from another run, a re-run, or a
     duplicate (not trained: it took an earlier trial's outcome)."""
@@ -135,4 +152,4 @@ def _role(trial: Any) -> str:
     return "search"
 
 
-__all__ = ["SURPLUS_ATTR", "TuneResult"]
+__all__ = ["SURPLUS_ATTR", "TuneResult", "steps_of"]

@@ -147,7 +147,7 @@ def test_monitor_names_the_metric_the_module_logs() -> None:
     _fit(trial, Regression(log_as="val_mse"), monitor="val_mse")
     assert [sorted(h) for h in trial.history][0] == [
         "clip_coef_mean", "clip_fraction", "grad_norm_max", "grad_norm_mean",
-        "grad_norm_postclip_mean", "train_loss", "val_loss"]
+        "grad_norm_postclip_mean", "steps", "train_loss", "val_loss"]
     with pytest.raises(UsageError, match=r"monitors 'val_loss', which the module did not log.*"
                                          r"holds val_mse"):
         _fit(a_trial("global_norm", 1.0), Regression(log_as="val_mse"))

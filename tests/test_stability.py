@@ -198,7 +198,8 @@ def test_epoch_statistics_and_objective() -> None:
     monitor.step(1.0, 1.0, False)
     monitor.epoch(1, {"val_loss": 0.9})
     assert seen[0] == (0, {"train_loss": 2.0, "val_loss": 0.7, "grad_norm_mean": 3.0,
-                           "grad_norm_max": 4.0, "clip_fraction": 0.5})
+                           "grad_norm_max": 4.0, "clip_fraction": 0.5, "steps": 2.0})
+    assert seen[1][1]["steps"] == 3.0  # all epochs so far: the trial's cost
     assert monitor.value() == 0.7  # best epoch
     monitor.objective = "last"
     assert monitor.value() == 0.9

@@ -28,7 +28,8 @@ EPOCHS = 3
 SPACE = {"version": 1,
          "modes": {"none": {}, "global_norm": {"threshold": {"choices": [1.0]}}},
          "extras": {"case": {"choices": ["ok", "fail", "explode"]}}}
-CHILD_METRICS = ("train_loss", "val_loss", "grad_norm_mean", "grad_norm_max", "clip_fraction")
+CHILD_METRICS = ("train_loss", "val_loss", "grad_norm_mean", "grad_norm_max", "clip_fraction",
+                 "steps")
 PLOTS = {"grad_norms.png", "optimization_history.png", "val_loss_curves.png",
          "value_by_threshold.png"}
 
@@ -74,6 +75,7 @@ def check_job_record(client: Any, result: cliptune.TuneResult, tmp_path: Path) -
     assert parent.data.metrics["best_value"] == pytest.approx(result.best_value)
     assert (parent.data.metrics["n_complete"], parent.data.metrics["n_pruned"],
             parent.data.metrics["n_failed"]) == (2, 2, 2)
+    assert parent.data.metrics["n_steps"] == result.n_steps > 0  # what the job cost
     top = {a.path for a in client.list_artifacts(parent.info.run_id)}
     assert {"best_config.yaml", "trials.csv", "plots"} <= top
     assert {Path(a.path).name for a in client.list_artifacts(parent.info.run_id, "plots")} == PLOTS

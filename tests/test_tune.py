@@ -253,3 +253,32 @@ def test_import_cliptune_loads_no_framework() -> None:
 def test_cuda_without_a_gpu_is_a_clear_error() -> None:
     with pytest.raises(ValueError, match="device='cuda' was asked for, but this torch"):
         _tune(device="cuda")
+
+
+def test_the_study_counts_the_training_steps_it_spent() -> None:
+    """Every trial's training steps (pruned ones and re-runs too; none for a duplicate) add up to
+    the training-mode forward passes the models ran, counted outside cliptune."""
+    forwards = [0]
+
+    def counted() -> nn.Module:
+        model = nn.Sequential(nn.Linear(4, 16), nn.Tanh(), nn.Linear(16, 1))
+        model.register_forward_pre_hook(
+            lambda module, args: forwards.__setitem__(0, forwards[0] + module.training))
+        return model
+
+    exploding = {"modes": {"none": {}, "global_norm": {"threshold": {"low": 0.01, "high": 0.1}}}}
+    steady = {"modes": {"global_norm": {"threshold": {"low": 1.0, "high": 2.0}}}}
+    frames = []
+    for lr, space in ((0.9, exploding), (0.05, steady)):  # no clip diverges; all train alike
+        forwards[0] = 0
+        result = _tune(counted, n_trials=8, lr=lr, epochs=3, search_space=space, confirm=2)
+        frame = result.trials_dataframe()
+        assert result.n_steps == frame["steps"].sum() > 0
+        assert forwards[0] == result.n_steps + 1  # + tune()'s one check pass before the study
+        assert result.counts_line().endswith(f"; {result.n_steps} training steps")
+        frames.append(frame)
+    blown, alike = frames
+    full = blown["steps"].max()
+    assert (blown.loc[blown["state"] == "PRUNED", "steps"].between(1, full - 1)).any()
+    assert (blown.loc[blown["role"].str.startswith("duplicate of"), "steps"] == 0).all()
+    assert (alike.loc[alike["role"].str.startswith("re-run of"), "steps"] == full).any()
