@@ -116,7 +116,7 @@ class TuneResult:
                       & ~frame["role"].str.startswith("duplicate of")]
         maximize = self.study.direction.name == "MAXIMIZE"
         frame = frame.sort_values("value", ascending=not maximize).head(top)
-        drop = ["state", "prune_reason", "error", "duration_s"] + (
+        drop = ["state", "prune_reason", "error", "duration_s", "steps"] + (
             ["role"] if (frame.get("role", "search") == "search").all() else [])
         frame = frame.drop(columns=[c for c in drop if c in frame.columns])
         return frame.to_string(index=False, float_format=lambda v: f"{v:.4g}")
