@@ -6,7 +6,8 @@
 - ``FX_BARRIER``: N: the first trial of each process waits until N processes have started one.
 - ``FX_EPOCHS``: epochs each trial reports (default 2).
 - ``FX_FILL``: ``N:PATH``: trial N fills the disk of PATH (writes PATH until the disk is full), as
-  another process could, then reports as usual.
+  another process could, waits for the writes in flight to give their journals' pages back and
+  takes those too, then reports as usual.
 
 A trial is worth ``1 / (number + 1)`` (plus a little for its threshold): every new trial is the
 best so far, so the best of a study changes whenever it runs more trials.
@@ -51,8 +52,17 @@ def train(trial: Any) -> None:
 
 
 def _fill(path: Path) -> None:
+    _fill_up(path, "wb")
+    # A write in flight when the disk filled (MLflow's sender, Optuna's heartbeat) gives its
+    # journal's pages back when it fails: wait until none is left, and take those pages too, so
+    # that the disk stays full for every write after (a journal made on a full disk holds none).
+    _wait_until(lambda: not any(path.parent.glob("**/*-journal")))
+    _fill_up(path, "ab")
+
+
+def _fill_up(path: Path, mode: str) -> None:
     chunk = b"\0" * 65536
-    with open(path, "wb", buffering=0) as handle:
+    with open(path, mode, buffering=0) as handle:
         try:
             while True:
                 handle.write(chunk)
