@@ -127,8 +127,9 @@ class TrialMonitor:
         log_loss = math.log(loss) if loss > 0 else -math.inf
         rise = loss - self._spike_median
         scale = self._reference if self._reference > 0 else max(self._first, default=0.0)
-        learned = self._spike_median < (1 - rules.spike_min_fall) * scale or not rules.spike_min_fall
-        if log_loss > self._spike_bar and rise > rules.spike_min_rise * scale and learned:
+        if (log_loss > self._spike_bar and rise > rules.spike_min_rise * scale
+                and (self._spike_median < (1 - rules.spike_min_fall) * scale
+                     or not rules.spike_min_fall)):  # a jump counts once the net has learned
             self._spikes.append(self.steps)
         while self._spikes and self._spikes[0] <= self.steps - rules.window:
             self._spikes.popleft()

@@ -81,17 +81,16 @@ class TuneResult:
                 clip, extras = config_from_params(t.params)
                 row.update(clip_mode=clip.mode.value, clip_threshold=clip.threshold, **extras)
             row.update(value=t.value, role=_role(t), prune_reason=t.user_attrs.get("prune_reason"),
-                       error=t.user_attrs.get("error"), steps=steps_of(t),
+                       error=t.user_attrs.get("error"), steps=_steps_of(t),
                        duration_s=t.duration.total_seconds() if t.duration else None)
             rows.append(row)
         return pd.DataFrame(rows)
-
 
     @property
     def n_steps(self) -> int:
         """Training steps the study spent, every trial's (pruned ones and re-runs included): its
         cost. Counted by the trials' monitors; 0 for a loop that reports no steps."""
-        return sum(steps_of(t) for t in self.study.get_trials(deepcopy=False))
+        return sum(_steps_of(t) for t in self.study.get_trials(deepcopy=False))
 
     def counts_line(self) -> str:
         """``20 trials: 6 complete, 14 pruned, 0 failed; 4368 training steps`` (re-runs and
@@ -130,7 +129,8 @@ class TuneResult:
                          f"{self.best_value:.6g}{self.spread_text()}")
         return "\n".join(lines)
 
-def steps_of(trial: Any) -> int:
+
+def _steps_of(trial: Any) -> int:
     """The training steps a trial ran, from its last epoch's statistics (0 when it trained none,
     or failed before an epoch closed)."""
     history = trial.user_attrs.get("history") or []
@@ -152,4 +152,4 @@ def _role(trial: Any) -> str:
     return "search"
 
 
-__all__ = ["SURPLUS_ATTR", "TuneResult", "steps_of"]
+__all__ = ["SURPLUS_ATTR", "TuneResult"]
