@@ -19,6 +19,9 @@ from cliptune._errors import UsageError
 from cliptune.stability import StabilityRules, is_diverged, is_nonfinite, robust_stats
 
 _STATS_EVERY = 10  # steps between refreshes of the spike baseline (keeps a step O(1))
+# What an epoch's statistics take from the steps; a loop's metric of the same name would be lost.
+_OWN_STATS = frozenset({"grad_norm_mean", "grad_norm_max", "clip_fraction", "skipped_steps",
+                        "grad_norm_postclip_mean", "clip_coef_mean", "steps"})
 
 
 class Reporter(Protocol):
@@ -149,8 +152,14 @@ class TrialMonitor:
         """Close an epoch: statistics to ``on_epoch``, checks, the metric to the reporter.
 
         ``metrics`` are the loop's own (``val_loss``, ``bpc``, ...); ``train_loss`` defaults to
-        the mean step loss. Raises :class:`UsageError` when the study's metric is missing.
+        the mean step loss. Raises :class:`UsageError` when the study's metric is missing or a
+        metric takes the name of a statistic the monitor computes (``steps``, ``clip_fraction``, ...).
         """
+        clash = sorted(_OWN_STATS.intersection(metrics or {}))
+        if clash:
+            raise UsageError(f"trial.report(epoch={epoch}, ...) reported {', '.join(clash)}, which "
+                             "cliptune records itself from the training steps, so the loop's "
+                             "value would be overwritten. Report it under another name.")
         stats = self._close_epoch(epoch, metrics or {})
         if self.metric not in stats:
             got = ", ".join(sorted(metrics or {})) or "no metric"

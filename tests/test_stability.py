@@ -169,6 +169,18 @@ def test_a_missing_metric_is_a_usage_error_naming_what_was_reported() -> None:
         monitor.epoch(0, {"val_loss": 1.0, "accuracy": 0.5})
 
 
+@pytest.mark.parametrize("name", ["steps", "clip_fraction", "grad_norm_mean"])
+def test_a_metric_named_like_a_statistic_of_the_steps_is_a_usage_error(name: str) -> None:
+    monitor = _monitor()
+    monitor.step(1.0, 2.0, False)
+    with pytest.raises(cliptune.UsageError, match=f"reported {name}, which cliptune records "
+                                                  "itself .* Report it under another name"):
+        monitor.epoch(0, {"val_loss": 1.0, name: 123.0})
+    assert monitor.history == []  # nothing half-recorded
+    monitor.epoch(0, {"val_loss": 1.0, "train_loss": 0.5})  # train_loss is the loop's to give
+    assert monitor.history[0]["train_loss"] == 0.5 and monitor.history[0]["steps"] == 1
+
+
 def test_rules_off_lets_everything_through() -> None:
     monitor = _monitor(rules=None)
     assert _feed(monitor, [1.0, math.nan, 1e9, math.inf]) == -1
