@@ -1,11 +1,12 @@
 """A config the study has already finished is not trained again.
 
-A sampler can draw a config the study has already finished: TPE once it models the space (it
-may favour ``none`` again), a user's sampler, or the default sampler's start-up trials once every
-point of a discrete mode is tried (it avoids a finished config while others remain, see
-:mod:`cliptune._study`; drawing uniformly, ``none`` came up two or three times in a 20-trial study,
-6% of the training epochs of ``benchmarks/search_quality.py``'s studies when each was retrained).
-A trial whose sampled params equal an earlier finished trial's (its *twin*) therefore takes
+TPE draws a mode without a threshold (``none``) again: its random start-up trials draw the mode
+uniformly, and after them its acquisition (a choice's density among the best trials over its
+density among the rest) favours a choice the rest hold once, whatever its outcome, until repeats
+add to that density; skipping tried configs in the start-up draw only moved the repeats into the
+TPE trials (1-2 of 20 trials either way). Each draw used to retrain a config whose outcome the
+study already had (6% of the training epochs of ``benchmarks/search_quality.py``'s studies). A
+trial whose sampled params equal an earlier finished trial's (its *twin*) now takes
 the twin's outcome at no cost, as Optuna's FAQ advises for repeated samples: the twin's value if
 it completed; its last report and prune reason if it was pruned. It is marked
 ``cliptune.duplicate_of`` (the twin's number) and counts toward ``n_trials`` like any trial.

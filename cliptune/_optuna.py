@@ -7,8 +7,7 @@
 - whether a parameter's new distribution can join a study's earlier trials
   (``optuna.distributions.check_distribution_compatibility``, marked as not for users);
 - the random state of the TPE sampler and of its start-up random sampler (``_rng``), set per
-  trial so that a continued or shared study keeps sampling new points, and drawn from for a
-  start-up choice that is not a config already tried (see :mod:`cliptune._study`);
+  trial so that a continued or shared study keeps sampling new points (see :mod:`cliptune._study`);
 - whether a trial was enqueued (``Trial._fixed_params``): an enqueued config is deliberate and
   is trained even when it repeats an earlier one (see :mod:`cliptune._duplicates`);
 - the name and wording of the warnings ``study.optimize`` logs for a failed trial, to keep quiet
@@ -19,7 +18,6 @@ from __future__ import annotations
 
 import logging
 
-import numpy as np
 import optuna
 from optuna.storages import BaseStorage
 
@@ -70,11 +68,6 @@ def reseed_tpe(sampler: optuna.samplers.TPESampler, seed: int) -> None:
     """Set the random state of a TPE sampler and of the random sampler it starts with."""
     sampler._rng.rng.seed(seed)
     sampler._random_sampler._rng.rng.seed(seed)
-
-
-def startup_rng(sampler: optuna.samplers.TPESampler) -> np.random.RandomState:
-    """The random state TPE's start-up random sampler draws from (set per trial by reseed_tpe)."""
-    return sampler._random_sampler._rng.rng
 
 
 def is_enqueued(trial: optuna.Trial) -> bool:

@@ -4,12 +4,6 @@ The default sampler is a multivariate TPE whose random state is set from ``(seed
 before each trial. A study continued after a crash, or shared by processes started on their own,
 therefore keeps sampling new points (a sampler seeded once would replay the first run's trials),
 and a given history still gives the same next trial.
-
-Its random start-up trials do not draw a config the study has already tried: a categorical choice
-that would complete the params of a finished trial is left out of the draw while others remain.
-A mode without a threshold (``none``, a baseline) otherwise came up again in about one start-up
-trial of four, each a duplicate (:mod:`cliptune._duplicates`) that spent a trial and explored
-nothing (2 of 20 trials in each of the studies of ``benchmarks/search_quality.py`` looked at).
 """
 
 from __future__ import annotations
@@ -19,10 +13,8 @@ from typing import Any
 
 import numpy as np
 import optuna
-from optuna.distributions import BaseDistribution, CategoricalDistribution
-from optuna.trial import FrozenTrial, TrialState
 
-from cliptune._optuna import reseed_tpe, startup_rng
+from cliptune._optuna import reseed_tpe
 from cliptune.plan import Plan
 from cliptune.stability import StabilityPruner
 
@@ -33,29 +25,15 @@ JOB_ATTR = "cliptune.job"  # the job's settings (optimizer, lr, ...), for `clipt
 class TrialSeededTPE(optuna.samplers.TPESampler):
     """TPE seeded per trial from ``(seed, trial number)`` (see the module docstring)."""
 
-    def __init__(self, seed: int | None, n_startup_trials: int = 10, **kwargs: Any) -> None:
-        super().__init__(seed=seed, n_startup_trials=n_startup_trials, **kwargs)
+    def __init__(self, seed: int | None, **kwargs: Any) -> None:
+        super().__init__(seed=seed, **kwargs)
         self._base_seed = seed
-        self._startup = n_startup_trials
 
     def before_trial(self, study: optuna.Study, trial: optuna.trial.FrozenTrial) -> None:
         if self._base_seed is not None:
             state = np.random.SeedSequence([self._base_seed, trial.number]).generate_state(1)
             reseed_tpe(self, int(state[0]))
         super().before_trial(study, trial)
-
-    def sample_independent(self, study: optuna.Study, trial: FrozenTrial, param_name: str,
-                           param_distribution: BaseDistribution) -> Any:
-        if isinstance(param_distribution, CategoricalDistribution):
-            finished = study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,
-                                                                TrialState.PRUNED))
-            if len(finished) < self._startup:  # a random start-up trial, as TPE decides it
-                tried = [t.params for t in finished]
-                fresh = [c for c in param_distribution.choices
-                         if {**trial.params, param_name: c} not in tried]
-                if fresh and len(fresh) < len(param_distribution.choices):
-                    return fresh[startup_rng(self).randint(len(fresh))]
-        return super().sample_independent(study, trial, param_name, param_distribution)
 
 
 def default_sampler(seed: int | None) -> optuna.samplers.BaseSampler:

@@ -300,21 +300,6 @@ def test_a_repeated_config_takes_its_twins_outcome_untrained(mlflow_uri: str) ->
         assert f"duplicate of {twin}" in named[number].info.run_name
 
 
-def test_start_up_trials_do_not_draw_a_config_already_tried() -> None:
-    """Random start-up trials over {none, global norm}: 'none' once, then only the other mode
-    (a uniform draw would give 'none' about five times in ten); nothing is a duplicate."""
-    space = {"modes": {"none": {}, "global_norm": {"threshold": {"low": 0.1, "high": 1.0}}}}
-    for seed in range(3):
-        result = cliptune.tune_loop(_loop(by_threshold, epochs=1), n_trials=10, seed=seed,
-                                    search_space=space, baselines=False, confirm=0, **QUIET)
-        modes = [t.params["clip_mode"] for t in result.study.trials]
-        assert len(modes) == 10 and modes.count("none") == 1, modes
-        assert not any("cliptune.duplicate_of" in t.user_attrs for t in result.study.trials)
-        again = cliptune.tune_loop(_loop(by_threshold, epochs=1), n_trials=10, seed=seed,
-                                   search_space=space, baselines=False, confirm=0, **QUIET)
-        assert [t.params for t in again.study.trials] == [t.params for t in result.study.trials]
-
-
 def test_re_runs_and_loops_with_their_own_params_always_train() -> None:
     calls: list[int] = []
 
