@@ -71,7 +71,8 @@ class StabilityRules:
         for name in ("max_spikes", "window", "warmup_steps", "max_skipped_steps",
                      "plateau_epochs"):
             check_positive_int(getattr(self, name), name, "StabilityRules")
-        if not (isinstance(self.spike_min_fall, (int, float)) and 0 <= self.spike_min_fall < 1):
+        fall = self.spike_min_fall
+        if isinstance(fall, bool) or not (isinstance(fall, (int, float)) and 0 <= fall < 1):
             raise ValueError("The 'spike_min_fall' parameter of StabilityRules must be a float in "
                              f"[0, 1) (0 counts spikes from the first step). Got "
                              f"{self.spike_min_fall!r} instead.")

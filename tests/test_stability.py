@@ -126,7 +126,7 @@ def test_a_net_at_chance_that_jumps_about_before_it_learns_is_not_spiking() -> N
     assert _feed(_monitor(), late) == 370
 
 
-@pytest.mark.parametrize("bad", [-0.1, 1.0, 2, "0.1", None])
+@pytest.mark.parametrize("bad", [-0.1, 1.0, 2, "0.1", None, False, math.nan])
 def test_spike_min_fall_must_lie_in_0_1(bad: object) -> None:
     with pytest.raises(ValueError, match=r"'spike_min_fall' parameter of StabilityRules must be "
                                          r"a float in \[0, 1\)"):
