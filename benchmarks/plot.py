@@ -36,7 +36,8 @@ SECTIONS = [  # (result name, columns shown), in the order of ``python -m benchm
                          "complete", "pruned", "failed", "prune_reasons", "plateau_replay", "seconds"]),
     ("stability_replay", []),
     ("search_quality", ["task", "tune_chosen", "grid_chosen", "best_default", "chosen_tune_vs_grid",
-                        "retrain_noise", "tune_vs_best_default", "steps_vs_grid", "tune_steps", "grid_steps",
+                        "tune_vs_grid_range", "retrain_noise", "grid_again_vs_grid",
+                        "tune_vs_best_default", "steps_vs_grid", "tune_steps", "grid_steps",
                         "adaptive_vs_tune", "adaptive_default_vs_fixed", "adaptive_chosen"]),
 ]
 NOTES: dict[str, str] = {  # section name (or "summary") -> Markdown, written after a run

@@ -27,6 +27,11 @@ A trial is stopped at once, with its reason, when training becomes unstable:
   ``benchmarks/pruning_savings.py``'s unpruned studies all ended far behind the best.
 - ``unpromising``: the wrapped Optuna pruner (MedianPruner by default) says so at an epoch's end.
 
+Neither ``plateaued`` nor ``unpromising`` judges a trial at the last epoch a complete trial reached:
+stopping there saves no training step, and the trial's value, recorded as complete, tells the
+sampler more than a prune (in a 2-epoch loop, a MedianPruner that waits one epoch only ever pruned
+at the last report).
+
 The step rules run in :class:`cliptune.monitor.TrialMonitor`; the epoch verdicts here.
 Instability is signalled by raising :class:`optuna.TrialPruned`, never by a NaN value. Pruned trials
 rank below every complete trial in TPE's split, so the sampler learns to avoid unstable regions.
@@ -164,19 +169,22 @@ class StabilityPruner(BasePruner):
             return "nonfinite"
         if trial.user_attrs.get("cliptune.confirms") is not None:
             return None  # a re-run of a top config on a fresh seed runs to its end
-        if self.rules is not None and self._plateaued(study, trial, step):
+        complete = study.get_trials(deepcopy=False, states=(optuna.trial.TrialState.COMPLETE,))
+        if step >= max((t.last_step for t in complete if t.last_step is not None), default=math.inf):
+            return None  # the last report: stopping saves no step and would hide a complete value
+        if self.rules is not None and self._plateaued(study, trial, step, complete):
             return "plateaued"
         return "unpromising" if self.pruner.prune(study, trial) else None
 
-    def _plateaued(self, study: optuna.Study, trial: optuna.trial.FrozenTrial, step: int) -> bool:
+    def _plateaued(self, study: optuna.Study, trial: optuna.trial.FrozenTrial, step: int,
+                   complete: list[optuna.trial.FrozenTrial]) -> bool:
         rules = self.rules
         sign = 1.0 if study.direction == optuna.study.StudyDirection.MINIMIZE else -1.0
         values = [sign * trial.intermediate_values[s] for s in sorted(trial.intermediate_values)]
         if len(values) <= rules.plateau_epochs:  # type: ignore[union-attr]
             return False
-        at_step = [sign * t.intermediate_values[step] for t in study.get_trials(
-            deepcopy=False, states=(optuna.trial.TrialState.COMPLETE,))
-            if step in t.intermediate_values]
+        at_step = [sign * t.intermediate_values[step] for t in complete
+                   if step in t.intermediate_values]
         return is_plateau(values, min(at_step, default=None), rules.plateau_epochs,  # type: ignore[union-attr]
                           rules.plateau_tolerance, rules.plateau_factor)  # type: ignore[union-attr]
 

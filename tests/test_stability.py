@@ -199,6 +199,26 @@ def test_epoch_reports_to_optuna_and_unpromising_prunes() -> None:
     assert trial.user_attrs["prune_reason"] == "unpromising"
 
 
+def test_no_verdict_at_the_last_epoch_a_complete_trial_reached() -> None:
+    """Pruning at the last report saves no step: the trial completes with its value instead."""
+    study = optuna.create_study(pruner=StabilityPruner(optuna.pruners.ThresholdPruner(upper=1.0)))
+    done = study.ask()
+    for epoch in range(3):
+        done.report(0.5, epoch)
+    study.tell(done, 0.5)
+    late = TrialMonitor(study.ask(), StabilityRules())
+    late.epoch(0, {"val_loss": 0.9})
+    late.epoch(1, {"val_loss": 0.8})
+    late.epoch(2, {"val_loss": 2.0})  # above the threshold, but at epoch 2: the last one
+    assert late.value() == 2.0 and study.trials[1].user_attrs.get("prune_reason") is None
+    early = TrialMonitor(study.ask(), StabilityRules())
+    with pytest.raises(optuna.TrialPruned, match="unpromising: val_loss=2 at epoch 1"):
+        early.epoch(1, {"val_loss": 2.0})  # before the last epoch: stopped, steps saved
+    dead = TrialMonitor(study.ask(), StabilityRules())
+    with pytest.raises(optuna.TrialPruned, match="nonfinite"):
+        dead.epoch(2, {"val_loss": math.nan})  # a non-finite value is never a complete one
+
+
 def test_epoch_statistics_and_objective() -> None:
     seen: list[tuple[int, dict[str, float]]] = []
     study = optuna.create_study()
