@@ -14,7 +14,7 @@ from benchmarks._common import ROOT
 
 ORDER = ["clip_kernels", "loop_overhead", "threads", "keras_overhead", "integrations_overhead",
          "tracking_overhead", "tuner_overhead", "parallel_scaling", "pruning_savings", "stability_replay",
-         "search_quality"]
+         "search_quality", "retrain_noise"]
 
 
 def available() -> list[str]:

@@ -52,3 +52,15 @@ def test_stability_replay_records_every_step_and_replays_the_real_rules() -> Non
         at_chance[i] = 6.0
     assert stability_replay.replay(at_chance, StabilityRules()) is None
     assert stability_replay.replay(at_chance, StabilityRules(spike_min_fall=0)) == ("spiking", 51)
+
+
+def test_retrain_noise_resolves_a_constant_and_not_a_noisy_value() -> None:
+    """The measure's resolution: one config against itself is within 2% when runs agree, and
+    only about as often as not when single runs spread by 30%."""
+    import numpy as np
+
+    from benchmarks.retrain_noise import p_within
+
+    same, _ = p_within(np.full(30, 0.5), draws=500)
+    noisy, q90 = p_within(np.random.default_rng(1).normal(1.0, 0.3, 30).clip(0.1), draws=500)
+    assert same == 1.0 and 0.3 < noisy < 0.8 and q90 > 1.1
