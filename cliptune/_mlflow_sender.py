@@ -10,6 +10,8 @@ store every call holds the store's file lock, so the workers of one machine writ
 :meth:`Sender.close` waits for what is left while the store keeps answering, and gives up once it
 has not answered for its timeout: a slow store (four workers taking turns on a sqlite file after a
 lock, each call waiting out MLflow's 20 s busy timeout) loses nothing, a dead one costs the timeout.
+On a sqlite store, an answer to any worker's call counts (each answered call touches the lock
+file): a worker whose turn comes after the others' queued calls waits for it.
 """
 
 from __future__ import annotations
@@ -21,7 +23,7 @@ from collections import deque
 from collections.abc import Callable
 from typing import Any
 
-from cliptune._mlflow_store import describe, sqlite_lock
+from cliptune._mlflow_store import describe, mark_answered, seconds_since_answer, sqlite_lock
 from cliptune.storage import mask_url
 
 log = logging.getLogger("cliptune")
@@ -85,6 +87,7 @@ class Sender:
             self._wake.notify_all()
         # A call stuck in MLflow's own retries is left to the daemon thread when time is up.
         while self._thread.is_alive():
+            self._extend_by_others()
             with self._wake:
                 left = self._deadline - time.monotonic()
             if left <= -0.5:
@@ -108,6 +111,16 @@ class Sender:
                 if self._deadline is not None:  # the store answers: closing waits on
                     self._deadline = max(self._deadline, time.monotonic() + self._grace)
 
+    def _extend_by_others(self) -> None:
+        """While closing, an answer to another worker's call on the same sqlite store counts as
+        the store answering: the workers take turns on its lock, and one that waits its turn (or
+        finds the store busy) behind the others' calls is not facing a dead store."""
+        since = seconds_since_answer(self._uri) if self._deadline is not None else None
+        if since is not None:
+            with self._wake:
+                self._deadline = max(self._deadline,  # type: ignore[type-var]
+                                     time.monotonic() - since + self._grace)
+
     def _make(self, call: Call) -> bool:
         """Make one call, again after a pause while the store does not answer; False: stop."""
         attempt = 0
@@ -115,6 +128,7 @@ class Sender:
             try:
                 with sqlite_lock(self._uri):
                     call(self._client)
+                    mark_answered(self._uri)
             except Exception as exc:
                 if not is_outage(exc, self._remote):
                     with self._wake:
@@ -129,6 +143,7 @@ class Sender:
                                 "again", mask_url(self._uri), describe(self._uri, exc))
                 pause = _PAUSES[min(attempt, len(_PAUSES) - 1)]
                 attempt += 1
+                self._extend_by_others()
                 with self._wake:
                     if self._deadline is not None and time.monotonic() + pause > self._deadline:
                         return False  # closing, and the store still does not answer

@@ -5,8 +5,9 @@ from __future__ import annotations
 
 import base64
 import os
+import time
 from collections.abc import Iterator
-from contextlib import contextmanager
+from contextlib import contextmanager, suppress
 from pathlib import Path
 from typing import Any
 from urllib.parse import unquote, urlsplit
@@ -24,7 +25,7 @@ def sqlite_lock(uri: str) -> Iterator[None]:
         return
     import fcntl
 
-    path = Path(uri.removeprefix("sqlite:///") + ".lock")
+    path = _lock_file(uri)
     path.parent.mkdir(parents=True, exist_ok=True)
     with open(path, "a") as handle:
         fcntl.flock(handle, fcntl.LOCK_EX)
@@ -32,6 +33,29 @@ def sqlite_lock(uri: str) -> Iterator[None]:
             yield
         finally:
             fcntl.flock(handle, fcntl.LOCK_UN)
+
+
+def _lock_file(uri: str) -> Path:
+    return Path(uri.removeprefix("sqlite:///") + ".lock")
+
+
+def mark_answered(uri: str) -> None:
+    """Note that a sqlite store answered a call (the lock file's time): every process that waits
+    its turn for the lock knows the store is alive though its own call has not been made yet."""
+    if uri.startswith("sqlite:///"):
+        with suppress(OSError):
+            os.utime(_lock_file(uri))
+
+
+def seconds_since_answer(uri: str) -> float | None:
+    """How long ago any process's call to this sqlite store was last answered; None if unknown
+    (another kind of store, or no lock file)."""
+    if not uri.startswith("sqlite:///"):
+        return None
+    try:
+        return max(time.time() - _lock_file(uri).stat().st_mtime, 0.0)
+    except OSError:
+        return None
 
 
 def without_credentials(uri: str) -> str:
